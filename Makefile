@@ -29,8 +29,16 @@ assets: install
 test: assets
 	$(PY) -m pytest
 
+# Executed copies go to out/notebooks (ignored); the notebooks write figures/ and results/.
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+
 reproduce: assets
-	$(PY) -m coalora.reproduce
+	@mkdir -p out/notebooks
+	@if [ -z "$(NOTEBOOKS)" ]; then echo "no notebooks yet: running what exists (bench/quant.py)"; $(PY) bench/quant.py; fi
+	@for nb in $(NOTEBOOKS); do \
+		echo "papermill $$nb"; \
+		$(PY) -m papermill $$nb out/notebooks/$$(basename $$nb) -p preset default -k python3 || exit 1; \
+	done
 
 bench: assets
 	$(PY) bench/quant.py

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from coalora import allocate as al
+from coalora.allocate import (CostTable, allocate, compute_cost_table, configuration_from_choice, cost_table,
+                              fisher_diagonal, matrix_costs, pareto_options, solve_allocation)
 from coalora import models
 from coalora.configs import Configuration, LayerQuant, Layout, MatrixSpec, QuantSpace
 
@@ -14,21 +15,21 @@ BUDGETS = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
 
 @pytest.fixture(scope="module")
 def minilm_table():
-    return al.cost_table("minilm-l6", "nf")
+    return cost_table("minilm-l6", "nf")
 
 
 def test_ilp_meets_budgets_on_minilm(minilm_table):
     costs = []
     for budget in BUDGETS:
-        choice, cost = al.solve_allocation(minilm_table, budget)
-        config = al.configuration_from_choice(minilm_table, choice)
+        choice, cost = solve_allocation(minilm_table, budget)
+        config = configuration_from_choice(minilm_table, choice)
         assert budget - 0.1 <= config.avg_bits <= budget + 1e-9, (budget, config.avg_bits)
         costs.append(cost)
     assert all(b <= a for a, b in zip(costs, costs[1:])), costs
 
 
 def test_allocate_by_name_returns_a_configuration_of_the_backbone(minilm_table):
-    config = al.allocate("minilm-l6", 3.0, "nf")
+    config = allocate("minilm-l6", 3.0, "nf")
     assert isinstance(config, Configuration)
     assert config.layout == minilm_table.layout and len(config) == 36
     assert config.avg_bits <= 3.0
@@ -38,8 +39,8 @@ def test_allocate_by_name_returns_a_configuration_of_the_backbone(minilm_table):
 def test_integer_space_allocation(minilm_weights):
     layout = Layout("minilm-int", tuple(
         MatrixSpec(n, tuple(w.shape), int(n.split(".")[2]), n.split(".")[-2]) for n, w in minilm_weights.items()))
-    table = al.compute_cost_table(dict(itertools.islice(minilm_weights.items(), 36)), layout, QuantSpace.integer())
-    config = al.allocate(table, 4.0)
+    table = compute_cost_table(dict(itertools.islice(minilm_weights.items(), 36)), layout, QuantSpace.integer())
+    config = allocate(table, 4.0)
     assert {lq.kind for lq in config.layers.values()} == {"int"}
     assert 3.9 <= config.avg_bits <= 4.0
 
@@ -51,41 +52,41 @@ def test_ilp_matches_brute_force_on_a_small_table():
     layout = Layout("toy", tuple(MatrixSpec(f"m{i}", (8, 8 * (i + 1)), i, "x") for i in range(4)))
     bits = np.array([o.storage_bits for o in space.options()])
     costs = np.sort(rng.uniform(1, 10, (4, 4)), axis=1)[:, ::-1] * (bits < 5) + rng.uniform(0, 1, (4, 4))
-    table = al.CostTable(layout, space, costs, "none")
+    table = CostTable(layout, space, costs, "none")
     share = layout.numels / layout.numels.sum()
     for budget in (2.2, 2.6, 3.0, 3.5, 4.0, 4.12):
         best = min((costs[range(4), c].sum(), c) for c in itertools.product(range(4), repeat=4)
                    if (share * bits[list(c)]).sum() <= budget + 1e-12)
-        _, cost = al.solve_allocation(table, budget)
+        _, cost = solve_allocation(table, budget)
         assert cost == pytest.approx(best[0])
 
 
 def test_pareto_options_drops_dominated():
     bits = np.array([2.0, 3.0, 3.0, 4.0, 5.0])
     costs = np.array([5.0, 6.0, 2.0, 2.5, 1.0])
-    assert al.pareto_options(bits, costs) == [0, 2, 4]
+    assert pareto_options(bits, costs) == [0, 2, 4]
 
 
 @pytest.mark.parametrize("budget", [1.9, 2.0, 8.7, 12])
 def test_budget_outside_space_is_an_error(minilm_table, budget):
     with pytest.raises(ValueError, match=rf"budget {budget} bits is outside the reachable range of space 'nf': "
                                          r"\[2.0322, 8.6250\]"):
-        al.solve_allocation(minilm_table, budget)
+        solve_allocation(minilm_table, budget)
 
 
 def test_cost_table_is_cached_on_disk(minilm_table, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the cached table should be used")
     monkeypatch.setattr(models, "load_backbone", fail)
-    again = al.cost_table("minilm-l6", QuantSpace.nf())
+    again = cost_table("minilm-l6", QuantSpace.nf())
     np.testing.assert_array_equal(again.costs, minilm_table.costs)
     assert again.layout == minilm_table.layout
 
 
 def test_cost_table_save_load_round_trip(tmp_path, toy_layout):
-    table = al.CostTable(toy_layout, QuantSpace.integer(), np.arange(6 * 432, dtype=float).reshape(6, 432), "x")
+    table = CostTable(toy_layout, QuantSpace.integer(), np.arange(6 * 432, dtype=float).reshape(6, 432), "x")
     table.save(tmp_path / "t.npz")
-    loaded = al.CostTable.load(tmp_path / "t.npz")
+    loaded = CostTable.load(tmp_path / "t.npz")
     assert loaded.layout == toy_layout and loaded.space == table.space and loaded.importance == "x"
     np.testing.assert_array_equal(loaded.costs, table.costs)
     assert list(tmp_path.iterdir()) == [tmp_path / "t.npz"]  # no temporary files left
@@ -95,7 +96,7 @@ def test_cost_table_matches_quantization_error(minilm_weights):
     name = "encoder.layer.3.attention.self.value"
     weight = minilm_weights[name]
     space = QuantSpace.nf()
-    row = al.matrix_costs(weight, space)
+    row = matrix_costs(weight, space)
     from coalora.quant import quantization_error
     for j in (0, 17, 200, 431):
         assert row[j] == pytest.approx(quantization_error(weight, space.options()[j]), rel=1e-5)
@@ -108,13 +109,13 @@ def test_fisher_weighting_moves_bits_to_important_matrices():
     layout = models.matrix_layout(model, "tiny-bert")
     linears = models.quantized_linears(model)
     batches = [{"input_ids": torch.randint(0, 50, (4, 8)), "labels": torch.randint(0, 2, (4,))} for _ in range(3)]
-    fisher = al.fisher_diagonal(model, linears, batches)
+    fisher = fisher_diagonal(model, linears, batches)
     assert set(fisher) == set(layout.names)
     assert all(f.shape == linears[n].weight.shape and (f >= 0).all() and f.sum() > 0 for n, f in fisher.items())
     assert all(not linears[n].weight.requires_grad or linears[n].weight.grad is None for n in fisher)
     weights = {n: m.weight for n, m in linears.items()}
     important = layout.names[0]
     boosted = {n: (f * 1e6 if n == important else f) for n, f in fisher.items()}
-    plain = al.allocate(al.compute_cost_table(weights, layout, QuantSpace.nf(), fisher, "fisher"), 3.0)
-    heavy = al.allocate(al.compute_cost_table(weights, layout, QuantSpace.nf(), boosted, "boosted"), 3.0)
+    plain = allocate(compute_cost_table(weights, layout, QuantSpace.nf(), fisher, "fisher"), 3.0)
+    heavy = allocate(compute_cost_table(weights, layout, QuantSpace.nf(), boosted, "boosted"), 3.0)
     assert heavy[important].storage_bits > plain[important].storage_bits

@@ -8,7 +8,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from coalora.allocate import (CostTable, allocate, compute_cost_table, configuration_from_choice, cost_table,
                               fisher_diagonal, matrix_costs, pareto_options, solve_allocation)
 from coalora import models
-from coalora.configs import Configuration, LayerQuant, Layout, MatrixSpec, QuantSpace
+from coalora.configs import Configuration, Layout, MatrixSpec, QuantSpace
 
 BUDGETS = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
 

@@ -1,0 +1,335 @@
+"""CoA-LoRA on PEFT LoRA: configuration switching, the configuration-aware variant, and export
+(method.md C.2, D.2).
+
+Per quantized linear i, under the current configuration c:
+
+    y = x W_c^T + bias + s * B M_i A dropout(x),   M_i = I + gamma * U_theta(c_i),   s = alpha / r
+
+W_c is the frozen base weight fake-quantized under c; the bias stays in full precision. A, B, the
+task head (PEFT SEQ_CLS `modules_to_save`) and theta are trained. The pieces:
+
+* `CoALoRAModel`: an nn.Module holding a stock `peft.PeftModel` (plain LoRA layers) and theta. Its
+  forward evaluates theta ONCE for all N matrices (M [N, r, r]) and leaves the rows in a slot shared
+  with every layer's `CoALoRAVariant`, PEFT's `LoraVariant` hook, which puts M_i between A and B.
+  No forward method is patched.
+* `set_configuration` swaps fake-quantized base weights in, from a `WeightCache` (LRU, bounded in
+  bytes) so that switching back to a recent configuration does no quantization.
+* `materialize` folds A' = M_i A for one configuration and returns a stock PEFT LoRA adapter, to be
+  loaded with `PeftModel.from_pretrained` on the backbone quantized by `quantize_weights_`.
+
+`config_aware=False` leaves theta and the variants out: a plain PEFT LoRA on fake-quantized weights
+(the QLoRA, LQ-LoRA and Shared-LoRA baselines), with the same switching and export.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import LoraLayer, LoraVariant
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, ModulesToSaveWrapper
+from safetensors.torch import save_file
+from torch import nn
+
+from coalora.configs import Configuration, Layout, QuantSpace
+from coalora.hypernet import ConfigAwareModel, check_layout
+from coalora.models import family_of, lora_target_modules, matrix_layout, quantized_linears
+from coalora.quant import fake_quantize
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "default"  # the PEFT adapter name used throughout
+TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM")
+DEFAULT_CACHE_BYTES = 2 * 1024**3
+CONFIGURATION_FILE = "quantization_configuration.json"  # written next to a materialized adapter
+_SAVED_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
+
+
+class WeightCache:
+    """Fake-quantized weights keyed by (matrix name, LayerQuant, device, dtype); the least recently
+    used ones are dropped once they hold more than `max_bytes`. A weight larger than the whole budget
+    is returned but not kept. `hits` and `misses` count lookups."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
+        if max_bytes < 0:
+            raise ValueError(f"the weight cache budget must be >= 0 bytes, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.hits = self.misses = 0
+        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key in self._entries:
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        self.misses += 1
+        value = compute()
+        size = value.numel() * value.element_size()
+        if size <= self.max_bytes:
+            self._entries[key] = value
+            self.nbytes += size
+            while self.nbytes > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.nbytes -= old.numel() * old.element_size()
+        return value
+
+
+class _Adjustments:
+    """Where a CoALoRAModel forward leaves theta's output, N x [r, r], for its variants to read."""
+
+    def __init__(self):
+        self.rows: tuple[torch.Tensor, ...] | None = None
+
+
+class CoALoRAVariant(LoraVariant):
+    """LoRA variant of layout matrix `index`: result + s * B (M_index (A dropout(x))).
+
+    M comes from the shared `_Adjustments` slot, filled once per model forward, so the layer does
+    no theta work of its own and gradients reach theta through the slot's tensors.
+    """
+
+    def __init__(self, adjustments: _Adjustments, index: int, name: str):
+        self.adjustments, self.index, self.name = adjustments, index, name
+
+    def supports_lora_conversion(self) -> bool:
+        return False  # M depends on the configuration: `materialize` is the conversion
+
+    def forward(self, module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor,
+                **kwargs) -> torch.Tensor:
+        if self.adjustments.rows is None:
+            raise RuntimeError(f"CoA-LoRA layer {self.name!r} ran without theta's adjustments: call the "
+                               f"CoALoRAModel itself (not its peft_model), after set_configuration")
+        h = module.lora_A[active_adapter](module.lora_dropout[active_adapter](x))  # [..., r]
+        h = h @ self.adjustments.rows[self.index].to(h.dtype).T  # [..., r]: M_i A x
+        return result + module.lora_B[active_adapter](h) * module.scaling[active_adapter]
+
+    @staticmethod
+    def _refuse_merge(*args, **kwargs):
+        raise NotImplementedError("a CoA-LoRA layer cannot be merged: its update depends on the configuration; "
+                                  "use coalora.lora.materialize(model, configuration) for a plain LoRA of one")
+
+    merge_safe = merge_unsafe = unmerge = _refuse_merge
+
+
+class CoALoRAModel(nn.Module):
+    """A PEFT LoRA model of a backbone, plus theta when configuration-aware, run under one
+    quantization configuration at a time (`set_configuration`).
+
+    Attributes: `peft_model` (the stock peft.PeftModel), `theta` (ConfigAwareModel, or None for plain
+    LoRA), `layout`, `space`, `configuration` (current, None until set), `lora_layers` (matrix name
+    -> PEFT LoRA layer, layout order), `full_precision` (matrix name -> original weight, where it was
+    loaded), `heads` (name -> trained copy of each `modules_to_save` module), `weight_cache`.
+    """
+
+    def __init__(self, peft_model: PeftModel, layout: Layout, space: QuantSpace, theta: ConfigAwareModel | None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+        super().__init__()
+        self.peft_model, self.theta = peft_model, theta
+        self.layout, self.space = layout, space
+        self.configuration: Configuration | None = None
+        self.lora_layers = quantized_linears(peft_model)
+        if list(self.lora_layers) != list(layout.names):
+            raise ValueError(f"the PEFT model's LoRA layers do not match the layout of {layout.backbone!r}")
+        self.full_precision = {name: layer.get_base_layer().weight.detach()
+                               for name, layer in self.lora_layers.items()}
+        self.heads = {name: module.modules_to_save[ADAPTER]
+                      for name, module in peft_model.get_base_model().named_modules()
+                      if isinstance(module, ModulesToSaveWrapper)}
+        self.weight_cache = WeightCache(cache_bytes)
+        self._adjustments = _Adjustments()
+        self.register_buffer("config_index", None, persistent=False)  # [N, 5], set with the configuration
+        if theta is not None:
+            for index, (name, layer) in enumerate(self.lora_layers.items()):
+                layer.lora_variant[ADAPTER] = CoALoRAVariant(self._adjustments, index, name)
+
+    def forward(self, *args, **kwargs):
+        """The PEFT model's forward under the current configuration; theta runs once for all matrices."""
+        if self.configuration is None:
+            raise RuntimeError("no quantization configuration is set: call "
+                               "coalora.lora.set_configuration(model, configuration) before running the model")
+        if self.theta is not None:
+            self._adjustments.rows = self.theta.adjustments(self.config_index).unbind(0)  # N x [r, r]
+        return self.peft_model(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        c = self.configuration
+        current = "none" if c is None else f"{c.digest()} ({c.avg_bits:.3f} bits)"
+        return f"backbone={self.layout.backbone!r}, matrices={len(self.layout)}, configuration={current}"
+
+
+def build_lora_model(backbone_model: nn.Module, layout: Layout, space: QuantSpace, rank: int = 8, alpha: int = 16,
+                     dropout: float = 0.0, config_aware: bool = True, task_type: str = "SEQ_CLS",
+                     cache_bytes: int = DEFAULT_CACHE_BYTES) -> CoALoRAModel:
+    """Wrap `backbone_model` (in place, as `peft.get_peft_model` does) with LoRA of rank `rank` on
+    every matrix of `layout`, and with theta when `config_aware`. Call `set_configuration` before use.
+
+    `task_type` "SEQ_CLS" also trains the classification head (PEFT's `modules_to_save`);
+    `cache_bytes` bounds the fake-quantized weight cache.
+    """
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"unknown task_type {task_type!r}; valid task types: {', '.join(TASK_TYPES)}")
+    if matrix_layout(backbone_model, layout.backbone) != layout:
+        raise ValueError(f"layout of {layout.backbone!r} ({len(layout)} matrices) does not match this model's "
+                         f"quantized matrices; build it with coalora.models.matrix_layout(model, name)")
+    for name, linear in quantized_linears(backbone_model).items():
+        if type(linear) is not nn.Linear:
+            raise ValueError(f"{name!r} is a {type(linear).__name__}; fake quantization needs the full-precision "
+                             f"torch.nn.Linear layers of an unquantized backbone")
+    config = LoraConfig(task_type=task_type, r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=lora_target_modules(family_of(backbone_model)))
+    peft_model = get_peft_model(backbone_model, config)
+    theta = None
+    if config_aware:
+        device = next(backbone_model.parameters()).device
+        theta = ConfigAwareModel(layout, space, rank).to(device)
+    model = CoALoRAModel(peft_model, layout, space, theta, cache_bytes)
+    log.info("%s r=%d on %d matrices of %s: %d trainable parameters%s",
+             "CoA-LoRA" if config_aware else "plain LoRA", rank, len(layout), layout.backbone,
+             sum(p.numel() for p in trainable_parameters(model)),
+             f" ({sum(p.numel() for p in theta.parameters())} in theta)" if theta is not None else "")
+    return model
+
+
+def set_configuration(model: CoALoRAModel, configuration: Configuration) -> CoALoRAModel:
+    """Run `model` under `configuration` from now on: each target base weight becomes
+    fake_quantize(original weight, configuration[name]), taken from the weight cache when there."""
+    check_layout(configuration, model.layout)
+    if model.theta is not None:
+        model.config_index = model.theta.config_index(configuration)  # also checks the space
+    for name, layer in model.lora_layers.items():
+        base = layer.get_base_layer()
+        original, lq, like = model.full_precision[name], configuration[name], base.weight
+        weight = model.weight_cache.get(
+            (name, lq, like.device, like.dtype),
+            lambda: fake_quantize(original.to(like.device), lq).to(like.dtype))
+        # A new Parameter rather than `.data =`: graphs of earlier forwards keep the weights they used.
+        base.weight = nn.Parameter(weight, requires_grad=False)
+    model.configuration = configuration
+    model._adjustments.rows = None
+    log.debug("configuration %s set (weight cache: %d hits, %d misses, %.1f MiB)", configuration.digest(),
+              model.weight_cache.hits, model.weight_cache.misses, model.weight_cache.nbytes / 2**20)
+    return model
+
+
+def quantize_weights_(model: nn.Module, configuration: Configuration) -> nn.Module:
+    """Fake-quantize the target weights of a plain backbone in place under `configuration` and return
+    it: the base a materialized adapter for `configuration` is loaded on."""
+    check_layout(configuration, matrix_layout(model, configuration.backbone))
+    with torch.no_grad():
+        for name, module in quantized_linears(model).items():
+            module.weight.copy_(fake_quantize(module.weight, configuration[name]))
+    return model
+
+
+@dataclass
+class MaterializedAdapter:
+    """A plain PEFT LoRA adapter for one configuration, A' = M_i A folded in (same B and head).
+
+    `state_dict` uses PEFT's on-disk keys (`base_model.model.<module>.lora_A.weight`, ...);
+    `save_pretrained(directory)` writes what `PeftModel.from_pretrained(base, directory)` reads, plus
+    the configuration as JSON, where `base` is the backbone after `quantize_weights_(base, configuration)`.
+    """
+
+    peft_config: LoraConfig
+    state_dict: dict[str, torch.Tensor]
+    configuration: Configuration
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.state_dict, directory / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
+        config = copy.deepcopy(self.peft_config)
+        config.inference_mode = True
+        config.save_pretrained(directory)
+        (directory / CONFIGURATION_FILE).write_text(self.configuration.to_json())
+        return directory
+
+
+@torch.no_grad()
+def materialize(model: CoALoRAModel, configuration: Configuration) -> MaterializedAdapter:
+    """The plain LoRA that `model` amounts to under `configuration`: theta on that configuration and
+    one r x r @ r x in product per matrix; no base weight is quantized."""
+    check_layout(configuration, model.layout)
+    adjust = None if model.theta is None else model.theta.adjustments(model.theta.config_index(configuration))
+    state = {}
+    for i, (name, layer) in enumerate(model.lora_layers.items()):
+        a = layer.lora_A[ADAPTER].weight  # [r, in]
+        state[f"{_SAVED_PREFIX}{name}.lora_A.weight"] = a.clone() if adjust is None else adjust[i].to(a.dtype) @ a
+        state[f"{_SAVED_PREFIX}{name}.lora_B.weight"] = layer.lora_B[ADAPTER].weight.clone()  # [out, r]
+    for name, head in model.heads.items():
+        state.update({f"{_SAVED_PREFIX}{name}.{key}": value.clone() for key, value in head.state_dict().items()})
+    return MaterializedAdapter(model.peft_model.peft_config[ADAPTER], state, configuration)
+
+
+def trainable_parameters(model: CoALoRAModel) -> list[nn.Parameter]:
+    """What the optimizer updates: LoRA A and B, the task head and theta (with gamma)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ---- helpers for the training engine (coalora.train) -------------------------------------------
+
+def is_config_aware(model: CoALoRAModel) -> bool:
+    return model.theta is not None
+
+
+def lora_layers(model: CoALoRAModel) -> dict[str, LoraLayer]:
+    """Matrix name -> PEFT LoRA layer, in layout order."""
+    return model.lora_layers
+
+
+def original_weight(model: CoALoRAModel, name: str) -> torch.Tensor:
+    """The full-precision weight of matrix `name`, as loaded."""
+    return model.full_precision[name]
+
+
+def adapter_state(model: CoALoRAModel) -> dict[str, torch.Tensor]:
+    """A copy of every trainable tensor (A, B, head, theta), by parameter name."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_adapter_state(model: CoALoRAModel, state: dict[str, torch.Tensor]) -> None:
+    """Copy an `adapter_state` back into the model's trainable tensors."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if params.keys() != state.keys():
+        raise ValueError(f"adapter state does not fit this model: missing {sorted(params.keys() - state.keys())[:3]}, "
+                         f"unexpected {sorted(state.keys() - params.keys())[:3]}")
+    for name, p in params.items():
+        p.copy_(state[name])
+
+
+@torch.no_grad()
+def set_lora_factors(layer: LoraLayer, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Overwrite one layer's A [r, in] and B [out, r] (e.g. LQ-LoRA's SVD initialisation)."""
+    layer.lora_A[ADAPTER].weight.copy_(a)
+    layer.lora_B[ADAPTER].weight.copy_(b)
+
+
+def override_base_weight(model: CoALoRAModel, name: str, weight: torch.Tensor) -> None:
+    """Replace the base weight of matrix `name` for the current configuration only (not cached: the
+    next `set_configuration` restores the plain quantized weight)."""
+    base = model.lora_layers[name].get_base_layer()
+    base.weight = nn.Parameter(weight.to(base.weight.device, base.weight.dtype), requires_grad=False)
+
+
+def disable_bnb_cpu_repacking(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking `Linear4bit` weights for AVX-512 BF16 CPU inference and return
+    how many layers were changed. The repacked layout has no autograd kernel, so after one eval-mode
+    forward under no_grad every later backward through those layers gives zero gradients
+    (offline-assets.md 1.2). Call it right after loading a bitsandbytes 4-bit model."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)

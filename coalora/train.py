@@ -1,0 +1,219 @@
+"""One training engine for CoA-LoRA and its three baselines, on the same backbone, task, quantizer
+and configurations (method.md D, F):
+
+    coalora  one shared LoRA + theta; every batch runs under K configurations drawn from the
+             training set, losses summed, one AdamW step; the set may be refined after each epoch
+             by a search hook (the next issue; "frozen" here)
+    qlora    a fresh LoRA (+ head) trained per configuration
+    lqlora   like qlora, with A, B initialised from the top-r SVD of the quantization residual
+             W - Q(W) (one-shot; `lqlora_iterations > 1` alternates SVD and quantization as LQ-LoRA
+             does, and the base weight becomes Q(W - BA))
+    shared   one LoRA (+ head) trained with a random switch among the configurations at every step
+
+The loop runs through `accelerate`, so the same code runs on CPU here and multi-GPU under
+`accelerate launch`. Wall-clock seconds are recorded per trained adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from coalora import lora
+from coalora.configs import Configuration
+from coalora.quant import fake_quantize
+from coalora.repro import seed_everything
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("coalora", "qlora", "lqlora", "shared")
+PER_CONFIGURATION = ("qlora", "lqlora")
+BASE_PREFIX = "base_weight::"  # adapter-state keys of base weights that replace Q(W) (iterative LQ-LoRA)
+
+# search(epoch, model, pool) -> the training pool for the next epoch (CoA-LoRA only).
+SearchHook = Callable[[int, torch.nn.Module, list[Configuration]], list[Configuration]]
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    return method
+
+
+@dataclass(frozen=True)
+class HyperParams:
+    """Training hyper-parameters shared by all methods (method.md D.4; lr raised for small models)."""
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    epochs: int = 2
+    configs_per_step: int = 2  # K, CoA-LoRA only
+    clip: float = 1.0
+    lqlora_iterations: int = 1
+
+    def __post_init__(self):
+        for name in ("rank", "alpha", "epochs", "configs_per_step", "lqlora_iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+@dataclass
+class Trained:
+    """What training produced: the model (with the last adapter loaded) and, per method, the adapter
+    state to load before evaluating a configuration."""
+
+    method: str
+    model: torch.nn.Module
+    configurations: list[Configuration]
+    states: dict[str, dict[str, torch.Tensor]]  # configuration digest (or "shared") -> adapter state
+    train_seconds: dict[str, float]  # same keys
+    history: list[dict] = field(default_factory=list)  # per epoch: loss, pool (CoA-LoRA)
+
+    def load_for(self, configuration: Configuration) -> torch.nn.Module:
+        """Switch the model to `configuration` and load the adapter trained for it."""
+        key = configuration.digest() if self.method in PER_CONFIGURATION else "shared"
+        if key not in self.states:
+            raise ValueError(f"{self.method} has no adapter for configuration {key} "
+                             f"({configuration.avg_bits:.3f} bits); it was trained for "
+                             f"{', '.join(c.digest() for c in self.configurations)}")
+        state = self.states[key]
+        lora.set_configuration(self.model, configuration)
+        lora.load_adapter_state(self.model, {k: v for k, v in state.items() if not k.startswith(BASE_PREFIX)})
+        for k, weight in state.items():
+            if k.startswith(BASE_PREFIX):
+                lora.override_base_weight(self.model, k[len(BASE_PREFIX):], weight)
+        return self.model
+
+    @property
+    def total_train_seconds(self) -> float:
+        return sum(self.train_seconds.values())
+
+
+def _loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def _run_epochs(model, batches: DataLoader, hp: HyperParams, pick: Callable[[], Sequence[Configuration]],
+                desc: str, on_epoch_end: Callable[[int], None] | None = None) -> list[dict]:
+    """The shared loop: per batch, sum the loss over the configurations `pick()` returns, clip,
+    step. Returns per-epoch mean losses."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    params = lora.trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    model, optimizer, batches = accelerator.prepare(model, optimizer, batches)
+    history = []
+    for epoch in range(hp.epochs):
+        model.train()
+        total, count = 0.0, 0
+        for batch in tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{hp.epochs}", leave=False):
+            optimizer.zero_grad(set_to_none=True)
+            for configuration in pick():
+                inner = accelerator.unwrap_model(model)
+                if inner.configuration is not configuration:  # keeps LQ-LoRA's Q(W - BA) base
+                    lora.set_configuration(inner, configuration)
+                loss = _loss(model, batch)
+                accelerator.backward(loss)
+                total, count = total + loss.item(), count + 1
+            accelerator.clip_grad_norm_(params, hp.clip)
+            optimizer.step()
+        history.append({"epoch": epoch, "loss": total / max(count, 1)})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+    return history
+
+
+def lqlora_init_(model: torch.nn.Module, configuration: Configuration, hp: HyperParams) -> None:
+    """Initialise every LoRA so that Q + s*B@A approximates W (LQ-LoRA; method.md F).
+
+    One-shot (iterations=1): B A = top-r SVD of W - Q(W) / s, base stays Q(W).
+    Iterative: L <- SVD_r(W - Q), Q <- quantize(W - L), repeated; the base weight becomes that Q.
+    """
+    scaling = hp.alpha / hp.rank
+    for name, layer in lora.lora_layers(model).items():
+        weight = lora.original_weight(model, name).float()
+        lq = configuration[name]
+        low_rank = torch.zeros_like(weight)
+        for _ in range(hp.lqlora_iterations):
+            base = fake_quantize(weight - low_rank, lq)
+            u, s, vh = torch.linalg.svd(weight - base, full_matrices=False)
+            root = s[: hp.rank].sqrt()
+            b, a = u[:, : hp.rank] * root, root[:, None] * vh[: hp.rank]  # [out, r], [r, in]
+            low_rank = b @ a
+        lora.set_lora_factors(layer, a / math.sqrt(scaling), b / math.sqrt(scaling))
+        if hp.lqlora_iterations > 1:
+            lora.override_base_weight(model, name, base)
+
+
+def train(method: str, model: torch.nn.Module, configurations: Sequence[Configuration], batches: DataLoader,
+          hp: HyperParams = HyperParams(), seed: int = 0, search: SearchHook | None = None) -> Trained:
+    """Train `method` on `model` (a `coalora.lora.build_lora_model` model, config-aware for
+    "coalora") for the given configurations and return the trained adapters with their timings."""
+    check_method(method)
+    configurations = list(configurations)
+    if not configurations:
+        raise ValueError(f"{method} needs at least one training configuration, got none")
+    if (method == "coalora") != lora.is_config_aware(model):
+        raise ValueError(f"method {method!r} needs a model built with config_aware={method == 'coalora'}")
+    if search is not None and method != "coalora":
+        raise ValueError(f"a configuration search only refines CoA-LoRA's training set, not {method!r}'s")
+    initial = lora.adapter_state(model)
+    states, seconds = {}, {}
+    history: list[dict] = []
+
+    if method in PER_CONFIGURATION:
+        for configuration in tqdm(configurations, desc=method, leave=False):
+            seed_everything(seed)
+            lora.load_adapter_state(model, initial)
+            start = time.perf_counter()
+            lora.set_configuration(model, configuration)
+            if method == "lqlora":
+                lqlora_init_(model, configuration, hp)
+            epochs = _run_epochs(model, batches, hp, lambda: [configuration], f"{method} {configuration.avg_bits:.2f}b")
+            key = configuration.digest()
+            seconds[key] = time.perf_counter() - start
+            states[key] = lora.adapter_state(model)
+            if method == "lqlora" and hp.lqlora_iterations > 1:
+                states[key].update({BASE_PREFIX + name: layer.get_base_layer().weight.detach().clone()
+                                    for name, layer in lora.lora_layers(model).items()})
+            history += [{"configuration": key, **e} for e in epochs]
+        return Trained(method, model, configurations, states, seconds, history)
+
+    seed_everything(seed)
+    rng = random.Random(seed)
+    pool = list(configurations)
+    if method == "shared":
+        def pick():
+            return [rng.choice(pool)]
+    else:
+        def pick():
+            return rng.sample(pool, min(hp.configs_per_step, len(pool)))
+
+    def refine(epoch: int) -> None:
+        if search is not None:
+            pool[:] = search(epoch, model, list(pool))
+            if not pool:
+                raise ValueError("the configuration search returned an empty training set")
+        history.append({"epoch": epoch, "pool": [c.digest() for c in pool]})
+
+    start = time.perf_counter()
+    epochs = _run_epochs(model, batches, hp, pick, method, refine if method == "coalora" else None)
+    seconds["shared"] = time.perf_counter() - start
+    states["shared"] = lora.adapter_state(model)
+    for row, extra in zip(epochs, history or [{}] * len(epochs)):
+        row.update(extra)
+    return Trained(method, model, pool if method == "coalora" else configurations, states, seconds, epochs)
+

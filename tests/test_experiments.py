@@ -1,0 +1,97 @@
+"""Experiment runs on the real MiniLM-L6 and RT sentences, shrunk to seconds: tidy rows, the
+content-hash cache (hit, miss, recompute) and interrupted-run cleanliness."""
+
+import pandas as pd
+import pytest
+
+from coalora import experiments
+from coalora.experiments import RunSpec, Scale, run_experiment
+from coalora.train import HyperParams
+
+TINY = Scale(n_train=16, n_dev=16, batch_size=8, max_length=16, epochs=1, pool_size=3, n_random_unseen=1)
+COLUMNS = ["method", "backbone", "backbone_label", "task", "task_source", "stand_in", "preset", "quantizer",
+           "configuration_id", "kind", "budget", "avg_bits", "seen", "seed", "metric", "value", "loss",
+           "train_seconds", "eval_seconds"]
+
+
+def spec(method: str = "coalora", **kwargs) -> RunSpec:
+    return RunSpec(preset="smoke", task="sst2", method=method, eval_budgets=(3.0,), unseen_budgets=(3.5,),
+                   scale=TINY, hp=HyperParams(epochs=1), **kwargs)
+
+
+@pytest.fixture
+def runs_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "run_dir", lambda s: tmp_path / "runs" / s.key())
+    return tmp_path / "runs"
+
+
+@pytest.mark.parametrize("method", ["coalora", "qlora"])
+def test_run_writes_tidy_rows_and_caches(method, runs_in_tmp, monkeypatch):
+    rows = run_experiment(spec(method))
+    assert list(rows.columns) == COLUMNS
+    assert not rows[["value", "avg_bits", "train_seconds", "eval_seconds"]].isna().any().any()
+    assert set(rows["kind"]) == ({"target", "unseen"} if method == "coalora" else {"target"})
+    assert rows["task_source"].str.contains("stand-in for GLUE SST-2").all()
+    assert rows["backbone_label"].str.contains("stands in for RoBERTa-Large").all()
+    assert ((rows["value"] >= 0) & (rows["value"] <= 1)).all() and (rows["metric"] == "accuracy").all()
+    if method == "coalora":
+        assert not rows.loc[rows["kind"] == "unseen", "seen"].any()
+    folder = runs_in_tmp / spec(method).key()
+    assert {p.name for p in folder.iterdir()} == {"rows.csv", "adapters.safetensors", "history.json",
+                                                  "provenance.json"}
+
+    def boom(_spec):
+        raise AssertionError("a cached run must not be recomputed")
+    monkeypatch.setattr(experiments, "_execute", boom)
+    pd.testing.assert_frame_equal(run_experiment(spec(method)), rows)  # cache hit
+    with pytest.raises(AssertionError, match="must not be recomputed"):
+        run_experiment(spec(method), recompute=True)
+
+
+def test_same_seed_same_numbers_other_seed_other_key(runs_in_tmp):
+    first = run_experiment(spec("shared"))
+    again = run_experiment(spec("shared"), recompute=True)
+    pd.testing.assert_frame_equal(first.drop(columns=["train_seconds", "eval_seconds"]),
+                                  again.drop(columns=["train_seconds", "eval_seconds"]))
+    assert spec("shared", seed=1).key() != spec("shared").key()
+    assert spec("shared").key() == spec("shared").resolved().key()
+
+
+def test_interrupted_run_leaves_nothing_and_reruns(runs_in_tmp, monkeypatch):
+    real = experiments.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiments, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(spec("qlora"))
+    assert not runs_in_tmp.exists() or not any(runs_in_tmp.iterdir())
+    monkeypatch.setattr(experiments, "train", real)
+    assert len(run_experiment(spec("qlora"))) == 1
+
+
+def test_interrupted_write_leaves_no_partial_folder(runs_in_tmp, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(experiments, "save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        run_experiment(spec("shared"))
+    assert not any(runs_in_tmp.iterdir())
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"method": "lora"}, "unknown method 'lora'"),
+    ({"preset": "tiny"}, "unknown preset 'tiny'"),
+    ({"space": "fp4"}, "unknown quantization space 'fp4'"),
+])
+def test_bad_run_specs(kwargs, message):
+    base = {"preset": "smoke", "task": "sst2", "method": "coalora"}
+    with pytest.raises(ValueError, match=message):
+        RunSpec(**(base | kwargs))
+
+
+def test_task_without_offline_source_is_a_clear_error(runs_in_tmp):
+    with pytest.raises(ValueError, match="only the 'paper' preset"):
+        run_experiment(RunSpec(preset="smoke", task="qnli", method="qlora", scale=TINY))

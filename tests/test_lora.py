@@ -1,0 +1,402 @@
+"""CoA-LoRA on PEFT: the variant, configuration switching and its cache, gradients, and export to a
+stock PEFT adapter.
+
+Tiny randomly initialised BERT / Llama / Qwen2 models (the only place random models are allowed)
+cover the mechanics; the real MiniLM-L6 checks the export round trip once.
+"""
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+from peft.tuners.lora import Linear as PeftLoraLinear
+from peft.utils import get_peft_model_state_dict
+from torch import nn
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, LlamaConfig,
+                          Qwen2Config)
+
+from coalora import lora, models
+from coalora.configs import Configuration, LayerQuant, QuantSpace
+from coalora.quant import fake_quantize
+
+NF = QuantSpace.nf()
+VOCAB = 64
+LOW = LayerQuant(bits=2, scale_bits=4, scale_dtype="fp16", block_size=16, group_size=16)
+HIGH = LayerQuant(bits=8, scale_bits=8, scale_dtype="fp32", block_size=64, group_size=256)
+# (family, task type): PEFT-style case table; SEQ_CLS trains a head, CAUSAL_LM does not.
+CASES = [("bert", "SEQ_CLS"), ("llama", "CAUSAL_LM"), ("qwen2", "SEQ_CLS")]
+
+
+def tiny_backbone(family: str, task_type: str) -> nn.Module:
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, initializer_range=0.2, pad_token_id=0)
+    if family == "bert":
+        config = BertConfig(**common)
+    else:
+        config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](num_key_value_heads=2, **common)
+    auto = AutoModelForCausalLM if task_type == "CAUSAL_LM" else AutoModelForSequenceClassification
+    return auto.from_config(config).eval()
+
+
+def build(family: str, task_type: str, config_aware: bool = True, **kwargs):
+    """A CoA-LoRA (or plain LoRA) model of a tiny backbone, and an untouched twin of that backbone."""
+    backbone = tiny_backbone(family, task_type)
+    twin = copy.deepcopy(backbone)
+    layout = models.matrix_layout(backbone, f"tiny-{family}")
+    model = lora.build_lora_model(backbone, layout, NF, config_aware=config_aware, task_type=task_type, **kwargs)
+    return model, twin
+
+
+@torch.no_grad()
+def perturb_(model: lora.CoALoRAModel, seed: int = 1) -> lora.CoALoRAModel:
+    """Non-zero B (PEFT starts it at 0) and a clearly non-zero U, so every term of the update matters."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in model.lora_layers.values():
+        b = layer.lora_B[lora.ADAPTER].weight
+        b.copy_(torch.randn(b.shape, generator=g) * 0.3)
+    if model.theta is not None:
+        w = model.theta.mlp[-1].weight
+        w.copy_(torch.randn(w.shape, generator=g) * 0.05)
+        model.theta.gamma.fill_(0.7)
+    return model
+
+
+def tokens(seed: int = 0, shape=(2, 6)) -> torch.Tensor:
+    return torch.randint(1, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def uniform(model, lq: LayerQuant) -> Configuration:
+    return Configuration.uniform(model.layout, lq)
+
+
+@pytest.fixture
+def count_quantizations(monkeypatch):
+    """Counts calls of coalora.lora's fake_quantize."""
+    calls = []
+
+    def counting(weight, q, *args, **kwargs):
+        calls.append(q)
+        return fake_quantize(weight, q, *args, **kwargs)
+
+    monkeypatch.setattr(lora, "fake_quantize", counting)
+    return calls
+
+
+# ---- structure -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,task_type", CASES)
+def test_variant_on_every_layout_matrix(family, task_type):
+    model, _ = build(family, task_type)
+    assert list(model.lora_layers) == list(model.layout.names)
+    for i, layer in enumerate(model.lora_layers.values()):
+        variant = layer.lora_variant[lora.ADAPTER]
+        assert isinstance(variant, lora.CoALoRAVariant) and variant.index == i
+        assert "forward" not in vars(layer) and type(layer).forward is PeftLoraLinear.forward  # nothing patched
+    plain, _ = build(family, task_type, config_aware=False)
+    assert plain.theta is None and all(not layer.lora_variant for layer in plain.lora_layers.values())
+
+
+@pytest.mark.parametrize("config_aware", [True, False])
+@pytest.mark.parametrize("family,task_type", CASES)
+def test_trainable_parameters(family, task_type, config_aware):
+    model, _ = build(family, task_type, config_aware=config_aware)
+    trainable = {id(p) for p in lora.trainable_parameters(model)}
+    expected = [layer.lora_A[lora.ADAPTER].weight for layer in model.lora_layers.values()]
+    expected += [layer.lora_B[lora.ADAPTER].weight for layer in model.lora_layers.values()]
+    expected += [p for head in model.heads.values() for p in head.parameters()]
+    expected += list(model.theta.parameters()) if config_aware else []
+    assert trainable == {id(p) for p in expected}
+    assert bool(model.heads) == (task_type == "SEQ_CLS")
+
+
+# ---- forward ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,task_type", CASES)
+def test_zero_u_equals_plain_peft_lora(family, task_type):
+    """With theta's last layer at zero (M = I), CoA-LoRA is exactly PEFT's LoRA on the same weights."""
+    coa, _ = build(family, task_type)
+    plain, _ = build(family, task_type, config_aware=False)
+    perturb_(coa)
+    with torch.no_grad():
+        coa.theta.mlp[-1].weight.zero_()
+    plain.peft_model.load_state_dict(coa.peft_model.state_dict())
+    configuration = Configuration.random(coa.layout, NF, seed=0)
+    lora.set_configuration(coa, configuration)
+    lora.set_configuration(plain, configuration)
+    ids = tokens()
+    torch.testing.assert_close(logits(coa, ids), logits(plain, ids), rtol=0, atol=1e-6)
+    with coa.peft_model.disable_adapter():  # the LoRA term is not negligible
+        assert (logits(coa, ids) - logits(plain, ids)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family,task_type", CASES)
+def test_forward_runs_on_quantized_weights_with_full_precision_bias(family, task_type):
+    model, twin = build(family, task_type)
+    configuration = Configuration.random(model.layout, NF, seed=2)
+    lora.set_configuration(model, configuration)
+    twin_linears = models.quantized_linears(twin)
+    for name, layer in model.lora_layers.items():
+        base, original = layer.get_base_layer(), twin_linears[name]
+        assert torch.equal(base.weight, fake_quantize(original.weight, configuration[name]))
+        assert not base.weight.requires_grad
+        assert torch.equal(model.full_precision[name], original.weight)
+        if original.bias is not None:
+            assert torch.equal(base.bias, original.bias)
+
+
+def test_theta_runs_once_per_forward():
+    model, _ = build("llama", "CAUSAL_LM")
+    calls = []
+    model.theta.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    lora.set_configuration(model, uniform(model, LOW))
+    logits(model, tokens())
+    assert calls == [(len(model.layout), 8, 8)]
+
+
+@pytest.mark.parametrize("family,task_type", CASES)
+def test_configurations_change_outputs(family, task_type):
+    model, _ = build(family, task_type)
+    perturb_(model)
+    ids = tokens()
+    low = logits(lora.set_configuration(model, uniform(model, LOW)), ids)
+    high = logits(lora.set_configuration(model, uniform(model, HIGH)), ids)
+    assert (low - high).abs().max() > 1e-3
+    assert model.configuration == uniform(model, HIGH)
+    assert torch.equal(logits(lora.set_configuration(model, uniform(model, LOW)), ids), low)
+
+
+# ---- weight cache ----------------------------------------------------------------------------------
+
+def test_switching_back_does_not_requantize(count_quantizations):
+    model, _ = build("bert", "SEQ_CLS")
+    n = len(model.layout)
+    lora.set_configuration(model, uniform(model, LOW))
+    lora.set_configuration(model, uniform(model, HIGH))
+    assert len(count_quantizations) == 2 * n
+    lora.set_configuration(model, uniform(model, LOW))
+    lora.set_configuration(model, uniform(model, HIGH))
+    assert len(count_quantizations) == 2 * n
+    assert (model.weight_cache.hits, model.weight_cache.misses, len(model.weight_cache)) == (2 * n, 2 * n, 2 * n)
+
+
+def test_cache_budget_smaller_than_one_configuration(count_quantizations):
+    reference, _ = build("bert", "SEQ_CLS")
+    one_matrix = max(w.numel() * w.element_size() for w in reference.full_precision.values())
+    for budget in (0, one_matrix):
+        model, _ = build("bert", "SEQ_CLS", cache_bytes=budget)
+        for m in (model, reference):
+            perturb_(m)
+        ids = tokens()
+        for lq in (LOW, HIGH, LOW):
+            lora.set_configuration(model, uniform(model, lq))
+            lora.set_configuration(reference, uniform(reference, lq))
+            torch.testing.assert_close(logits(model, ids), logits(reference, ids), rtol=0, atol=0)
+            assert model.weight_cache.nbytes <= budget and len(model.weight_cache) < len(model.layout)
+        assert model.weight_cache.misses == 3 * len(model.layout)  # evicted, so quantized again
+
+
+# ---- gradients --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config_aware", [True, False])
+@pytest.mark.parametrize("family,task_type", CASES)
+def test_gradients_reach_lora_head_and_theta_only(family, task_type, config_aware):
+    model, _ = build(family, task_type, config_aware=config_aware)
+    perturb_(model)
+    model.train()
+    lora.set_configuration(model, Configuration.random(model.layout, NF, seed=0))
+    ids = tokens()
+    labels = ids if task_type == "CAUSAL_LM" else torch.tensor([0, 1])
+    model(input_ids=ids, labels=labels).loss.backward()
+    trainable = lora.trainable_parameters(model)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    if config_aware:
+        assert model.theta.gamma.grad.abs() > 0
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    frozen += [layer.get_base_layer().weight for layer in model.lora_layers.values()]
+    assert all(p.grad is None for p in frozen)
+
+
+def test_switching_before_backward_keeps_each_forwards_weights():
+    """K=2 losses may be summed after both forwards: each graph keeps its own weights and M."""
+    def grads(interleaved: bool):
+        model, _ = build("llama", "CAUSAL_LM")
+        perturb_(model)
+        ids = tokens()
+        losses = []
+        for lq in (LOW, HIGH):
+            lora.set_configuration(model, uniform(model, lq))
+            losses.append(model(input_ids=ids, labels=ids).loss)
+            if not interleaved:
+                losses.pop().backward()
+        if interleaved:
+            sum(losses).backward()
+        return [p.grad.clone() for p in lora.trainable_parameters(model)]
+
+    for a, b in zip(grads(False), grads(True)):
+        torch.testing.assert_close(a, b)
+
+
+# ---- export -----------------------------------------------------------------------------------------
+
+def assert_round_trip(model, twin, configuration, ids, tmp_path, count_quantizations):
+    """materialize -> save_pretrained -> stock PeftModel.from_pretrained on the quantized twin."""
+    model.eval()
+    lora.set_configuration(model, configuration)
+    expected = logits(model, ids)
+    count_quantizations.clear()
+    adapter = lora.materialize(model, configuration)
+    assert count_quantizations == []  # no base weight is quantized by materialize
+    peft_keys = get_peft_model_state_dict(model.peft_model, save_embedding_layers=False)
+    assert {k: v.shape for k, v in adapter.state_dict.items()} == {k: v.shape for k, v in peft_keys.items()}
+    folded = [adapter.state_dict[f"base_model.model.{name}.lora_A.weight"] for name in model.layout.names]
+    assert not any(torch.allclose(a, layer.lora_A[lora.ADAPTER].weight)
+                   for a, layer in zip(folded, model.lora_layers.values()))
+
+    adapter.save_pretrained(tmp_path / "adapter")
+    base = lora.quantize_weights_(twin, configuration)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=1e-5)
+    with loaded.disable_adapter():  # the adapter is what makes them agree
+        assert (logits(loaded, ids) - expected).abs().max() > 1e-3
+    saved = (tmp_path / "adapter" / lora.CONFIGURATION_FILE).read_text()
+    assert Configuration.from_json(saved, model.layout) == configuration
+
+
+@pytest.mark.parametrize("family,task_type", CASES)
+def test_materialize_round_trip_tiny(family, task_type, tmp_path, count_quantizations):
+    model, twin = build(family, task_type)
+    perturb_(model)
+    assert_round_trip(model, twin, Configuration.random(model.layout, NF, seed=4), tokens(), tmp_path,
+                      count_quantizations)
+
+
+def test_materialize_round_trip_minilm(tmp_path, count_quantizations):
+    torch.manual_seed(0)
+    backbone, tokenizer = models.load_backbone("minilm-l6", num_labels=2)
+    twin = copy.deepcopy(backbone)
+    model = lora.build_lora_model(backbone, models.matrix_layout(backbone, "minilm-l6"), NF)
+    perturb_(model)
+    with torch.no_grad():
+        for layer in model.lora_layers.values():
+            layer.lora_B[lora.ADAPTER].weight.mul_(0.1)
+    ids = tokenizer(["a gripping, beautifully acted film", "flat and tedious"], padding=True,
+                    return_tensors="pt")["input_ids"]
+    # Mixed per-matrix choices; block size 64 only, as smaller blocks take seconds to quantize on MiniLM.
+    fast = QuantSpace(name="nf-b64", kind="nf", block_size=(64,))
+    assert_round_trip(model, twin, Configuration.random(model.layout, fast, seed=5), ids, tmp_path,
+                      count_quantizations)
+
+
+def test_materialize_plain_lora_is_its_own_adapter():
+    model, _ = build("bert", "SEQ_CLS", config_aware=False)
+    perturb_(model)
+    adapter = lora.materialize(model, uniform(model, LOW))
+    for name, layer in model.lora_layers.items():
+        assert torch.equal(adapter.state_dict[f"base_model.model.{name}.lora_A.weight"],
+                           layer.lora_A[lora.ADAPTER].weight)
+
+
+# ---- helpers for the training engine -------------------------------------------------------------
+
+def test_deepcopy_is_an_independent_model():
+    model, _ = build("llama", "CAUSAL_LM")
+    perturb_(model)
+    lora.set_configuration(model, uniform(model, LOW))
+    ids = tokens()
+    before = logits(model, ids)
+    clone = copy.deepcopy(model)
+    lora.set_configuration(clone, uniform(clone, HIGH))
+    assert all(v.adjustments is clone._adjustments
+               for layer in clone.lora_layers.values() for v in layer.lora_variant.values())
+    assert not torch.equal(logits(clone, ids), before)
+    assert torch.equal(logits(model, ids), before)
+
+
+def test_adapter_state_round_trip():
+    model, _ = build("bert", "SEQ_CLS")
+    state = lora.adapter_state(model)
+    perturb_(model)
+    lora.load_adapter_state(model, state)
+    assert all(torch.equal(state[n], p) for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        lora.load_adapter_state(model, {k: v for k, v in list(state.items())[1:]})
+
+
+# ---- bad inputs --------------------------------------------------------------------------------------
+
+def test_bad_inputs():
+    model, _ = build("bert", "SEQ_CLS")
+    with pytest.raises(RuntimeError, match="no quantization configuration is set"):
+        model(input_ids=tokens())
+    other, _ = build("llama", "CAUSAL_LM")
+    foreign = uniform(other, LOW)
+    for call in (lora.set_configuration, lora.materialize):
+        with pytest.raises(ValueError, match="'tiny-llama'.*'tiny-bert'"):
+            call(model, foreign)
+    with pytest.raises(ValueError, match="'tiny-llama'"):
+        lora.quantize_weights_(tiny_backbone("bert", "SEQ_CLS"), foreign)
+    with pytest.raises(ValueError, match="unknown task_type 'TOKEN_CLS'; valid task types: SEQ_CLS, CAUSAL_LM"):
+        lora.build_lora_model(tiny_backbone("bert", "SEQ_CLS"), model.layout, NF, task_type="TOKEN_CLS")
+    with pytest.raises(ValueError, match="does not match this model"):
+        lora.build_lora_model(tiny_backbone("qwen2", "CAUSAL_LM"), model.layout, NF)
+    lora.set_configuration(model, uniform(model, LOW))
+    with pytest.raises(NotImplementedError, match="materialize"):
+        model.peft_model.merge_and_unload()
+    with pytest.raises(RuntimeError, match="call the CoALoRAModel itself"):
+        model.peft_model(input_ids=tokens())  # bypasses theta
+
+
+# ---- bitsandbytes ------------------------------------------------------------------------------------
+
+def test_disable_bnb_cpu_repacking_keeps_gradients():
+    """An eval()/no_grad forward must not turn later LoRA gradients to zero (offline-assets.md 1.2)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+
+    class TwoLayers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = bnb.nn.Linear4bit(64, 128, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+            self.down = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    def lora_a_grad(eval_first: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        net = TwoLayers().to("cpu")  # quantizes
+        assert lora.disable_bnb_cpu_repacking(net) == 2
+        # LoRA on `up` only: its A gets gradient solely through `down`'s 4-bit weight.
+        peft_model = get_peft_model(net, LoraConfig(r=4, target_modules=["up"]))
+        nn.init.normal_(peft_model.base_model.model.up.lora_B["default"].weight, std=0.1)
+        x = torch.randn(8, 64)
+        if eval_first:
+            peft_model.eval()
+            with torch.no_grad():
+                peft_model(x)
+        assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                       for m in peft_model.modules() if isinstance(m, bnb.nn.Linear4bit))
+        peft_model.train()
+        peft_model(x).pow(2).sum().backward()
+        return peft_model.base_model.model.up.lora_A["default"].weight.grad
+
+    after_eval = lora_a_grad(eval_first=True)
+    assert after_eval.abs().sum() > 0
+    torch.testing.assert_close(after_eval, lora_a_grad(eval_first=False))
+
+
+def test_bnb_layers_are_rejected_for_fake_quantization():
+    bnb = pytest.importorskip("bitsandbytes")
+    backbone = tiny_backbone("bert", "SEQ_CLS")
+    layout = models.matrix_layout(backbone, "tiny-bert")
+    query = backbone.bert.encoder.layer[0].attention.self
+    query.query = bnb.nn.Linear4bit(32, 32, compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match="'bert.encoder.layer.0.attention.self.query' is a Linear4bit"):
+        lora.build_lora_model(backbone, layout, NF)

@@ -1,0 +1,42 @@
+import pytest
+
+from coalora.metrics import accuracy_gap, hypervolume
+
+
+def test_hypervolume_of_one_point_is_its_box():
+    # 3 bits in a [2, 6] range -> x = 0.75; accuracy 0.8 -> y = 0.8.
+    assert hypervolume([3.0], [0.8], (2.0, 6.0)) == pytest.approx(0.75 * 0.8)
+
+
+def test_hypervolume_ignores_dominated_points_and_adds_staircase():
+    front = hypervolume([2.0, 4.0], [0.5, 1.0], (2.0, 6.0))
+    assert front == pytest.approx(1.0 * 0.5 + 0.5 * 0.5)
+    assert hypervolume([2.0, 4.0, 5.0], [0.5, 1.0, 0.6], (2.0, 6.0)) == pytest.approx(front)
+
+
+def test_hypervolume_rewards_better_points():
+    base = hypervolume([2.5, 3.0, 4.0], [0.80, 0.84, 0.86], (2.0, 8.0))
+    assert hypervolume([2.5, 3.0, 4.0], [0.82, 0.84, 0.86], (2.0, 8.0)) > base
+    assert hypervolume([2.4, 3.0, 4.0], [0.80, 0.84, 0.86], (2.0, 8.0)) > base
+
+
+def test_hypervolume_for_perplexity_prefers_lower():
+    low = hypervolume([3.0], [20.0], (2.0, 6.0), value_range=(10.0, 100.0), higher_is_better=False)
+    high = hypervolume([3.0], [40.0], (2.0, 6.0), value_range=(10.0, 100.0), higher_is_better=False)
+    assert low > high > 0
+
+
+@pytest.mark.parametrize(("bits", "values", "message"), [
+    ([], [], "at least one"), ([1.0, 2.0], [0.5], "equally many"),
+])
+def test_hypervolume_bad_input(bits, values, message):
+    with pytest.raises(ValueError, match=message):
+        hypervolume(bits, values, (2.0, 6.0))
+    with pytest.raises(ValueError, match="ranges must be increasing"):
+        hypervolume([3.0], [0.5], (6.0, 2.0))
+
+
+def test_accuracy_gap_in_points_over_shared_configurations():
+    assert accuracy_gap({"a": 0.90, "b": 0.80, "c": 0.5}, {"a": 0.88, "b": 0.81}) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="no configuration was evaluated for both"):
+        accuracy_gap({"a": 0.9}, {"b": 0.9})

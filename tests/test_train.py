@@ -1,0 +1,143 @@
+"""The training engine on a tiny randomly initialised BERT (unit test only): every method learns a
+learnable toy task, keeps per-configuration adapters apart, and rejects bad input."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoModelForSequenceClassification, BertConfig
+
+from coalora import lora, models
+from coalora.configs import Configuration, LayerQuant, QuantSpace
+from coalora.metrics import evaluate
+from coalora.quant import fake_quantize
+from coalora.train import METHODS, HyperParams, train
+
+NF = QuantSpace.nf()
+VOCAB = 32
+CONFIGS = [LayerQuant(bits=2, scale_bits=4, block_size=64, group_size=64), LayerQuant(bits=4), LayerQuant(bits=8)]
+
+
+def toy_batches(n_batches: int = 6, batch_size: int = 16, seed: int = 0) -> DataLoader:
+    """Label 1 iff token 7 occurs in the sequence: learnable by attention in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n_batches * batch_size):
+        ids = torch.randint(8, VOCAB, (12,), generator=g)
+        label = int(torch.rand(1, generator=g) < 0.5)
+        if label:
+            ids[torch.randint(0, 12, (1,), generator=g)] = 7
+        rows.append({"input_ids": ids, "labels": torch.tensor(label)})
+    return DataLoader(rows, batch_size=batch_size, shuffle=False,
+                      collate_fn=lambda items: {k: torch.stack([i[k] for i in items]) for k in items[0]})
+
+
+def tiny_model(config_aware: bool):
+    torch.manual_seed(0)
+    backbone = AutoModelForSequenceClassification.from_config(BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))
+    layout = models.matrix_layout(backbone, "tiny-bert")
+    model = lora.build_lora_model(backbone, layout, NF, rank=4, config_aware=config_aware)
+    return model, [Configuration.uniform(layout, lq) for lq in CONFIGS]
+
+
+HP = HyperParams(rank=4, lr=3e-3, epochs=8, weight_decay=0.0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_lowers_the_loss(method):
+    model, configs = tiny_model(config_aware=method == "coalora")
+    trained = train(method, model, configs, toy_batches(), HP, seed=0)
+    history = trained.history
+    if method in ("qlora", "lqlora"):
+        assert len(trained.states) == len(configs) == len(trained.train_seconds)
+        for c in configs:
+            losses = [h["loss"] for h in history if h["configuration"] == c.digest()]
+            assert losses[-1] < losses[0], (c, losses)
+    else:
+        assert list(trained.states) == ["shared"]
+        assert history[-1]["loss"] < history[0]["loss"], history
+    assert all(s > 0 for s in trained.train_seconds.values())
+    for c in configs:  # every trained configuration can be served and evaluated
+        result = evaluate(trained.load_for(c), c, toy_batches(2, seed=1), "classification")
+        assert 0.0 <= result["accuracy"] <= 1.0 and result["eval_seconds"] > 0
+
+
+def test_per_configuration_adapters_differ_and_are_restored():
+    model, configs = tiny_model(config_aware=False)
+    trained = train("qlora", model, configs, toy_batches(3), HyperParams(rank=4, lr=1e-2, epochs=1), seed=0)
+    first, second = (trained.states[c.digest()] for c in configs[:2])
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    trained.load_for(configs[0])
+    assert all(torch.equal(p, first[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_lqlora_starts_closer_to_the_full_precision_weight():
+    model, configs = tiny_model(config_aware=False)
+    name = next(iter(lora.lora_layers(model)))
+    trained = train("lqlora", model, configs[:1], toy_batches(1), HyperParams(rank=4, lr=1e-9, epochs=1), seed=0)
+    trained.load_for(configs[0])
+    layer = lora.lora_layers(model)[name]
+    weight = lora.original_weight(model, name)
+    scaling = HP.alpha / HP.rank
+    delta = scaling * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    base = layer.get_base_layer().weight
+    assert torch.linalg.norm(weight - base - delta) < 0.9 * torch.linalg.norm(weight - base)
+
+
+def test_iterative_lqlora_base_weight_survives_evaluation():
+    model, configs = tiny_model(config_aware=False)
+    hp = HyperParams(rank=4, lr=1e-9, epochs=1, lqlora_iterations=3)
+    trained = train("lqlora", model, configs[2:], toy_batches(1), hp, seed=0)
+    name = next(iter(lora.lora_layers(model)))
+    trained.load_for(configs[2])
+    evaluate(model, configs[2], toy_batches(1), "classification")
+    iterative = lora.lora_layers(model)[name].get_base_layer().weight
+    plain = fake_quantize(lora.original_weight(model, name), configs[2][name])
+    assert not torch.equal(iterative, plain)  # Q(W - BA), not Q(W)
+    stored = trained.states[configs[2].digest()]["base_weight::" + name]
+    assert torch.equal(iterative, stored)
+
+
+def test_search_hook_refines_the_coalora_pool():
+    model, configs = tiny_model(config_aware=True)
+    calls = []
+
+    def keep_first_two(epoch, _model, pool):
+        calls.append((epoch, len(pool)))
+        return pool[:2]
+
+    trained = train("coalora", model, configs, toy_batches(2), HyperParams(rank=4, epochs=2), search=keep_first_two)
+    assert calls == [(0, 3), (1, 2)]
+    assert trained.configurations == configs[:2]
+    assert [len(h["pool"]) for h in trained.history] == [2, 2]
+
+
+@pytest.mark.parametrize(("method", "config_aware", "message"), [
+    ("lora", False, "unknown method 'lora'; valid methods: coalora, qlora, lqlora, shared"),
+    ("coalora", False, "needs a model built with config_aware=True"),
+    ("qlora", True, "needs a model built with config_aware=False"),
+])
+def test_bad_methods(method, config_aware, message):
+    model, configs = tiny_model(config_aware)
+    with pytest.raises(ValueError, match=message):
+        train(method, model, configs, toy_batches(1))
+
+
+def test_empty_configuration_set_and_foreign_configuration():
+    model, configs = tiny_model(config_aware=True)
+    with pytest.raises(ValueError, match="needs at least one training configuration"):
+        train("coalora", model, [], toy_batches(1))
+    other = models.matrix_layout(AutoModelForSequenceClassification.from_config(BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)),
+        "tiny-bert-3")
+    with pytest.raises(ValueError, match="configuration is for backbone 'tiny-bert-3'"):
+        train("coalora", model, [Configuration.uniform(other, LayerQuant())], toy_batches(1))
+    trained = train("qlora", *tiny_model(False), toy_batches(1), HyperParams(rank=4, epochs=1))
+    with pytest.raises(ValueError, match="qlora has no adapter for configuration"):
+        trained.load_for(Configuration.uniform(configs[0].layout, LayerQuant(bits=3)))
+
+
+def test_search_only_for_coalora():
+    model, configs = tiny_model(False)
+    with pytest.raises(ValueError, match="only refines CoA-LoRA"):
+        train("shared", model, configs, toy_batches(1), search=lambda e, m, p: p)

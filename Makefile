@@ -42,6 +42,8 @@ reproduce: assets
 
 bench: assets
 	$(PY) bench/quant.py
+	$(PY) bench/adapt.py
+	$(PY) bench/search.py
 
 clean-venv:
 	rm -rf $(VENV)

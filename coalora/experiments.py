@@ -100,6 +100,7 @@ class RunSpec:
     search_steps: int = 10  # T
     search_segments: int = 10  # U
     search_batches: int = 4  # fixed training batches the search scores losses on
+    pool_range: tuple[float, float] = POOL_RANGE  # budgets of CoA-LoRA's initial training set
 
     def __post_init__(self):
         check_preset(self.preset)
@@ -120,17 +121,21 @@ class RunSpec:
             backbone=self.backbone or models.default_backbone(self.preset, task_kind),
             eval_budgets=tuple(self.eval_budgets or EVAL_BUDGETS[self.space]),
             unseen_budgets=tuple(self.unseen_budgets if self.unseen_budgets is not None
-                                 else unseen_budgets(scale.pool_size, EVAL_BUDGETS[self.space])),
+                                 else unseen_budgets(scale.pool_size, EVAL_BUDGETS[self.space],
+                                                     pool_range=tuple(self.pool_range))),
             scale=scale,
             hp=self.hp or HyperParams(epochs=scale.epochs),
         )
 
     def key(self) -> str:
-        """Content hash of the resolved spec. A frozen search leaves the search fields out, so runs
-        cached before the search existed keep their keys."""
+        """Content hash of the resolved spec. Fields added after version 1 are left out while at
+        their neutral value (a frozen search, the default pool range), so earlier cached runs keep
+        their keys."""
         data = {"version": RUN_VERSION, **asdict(self.resolved())}
         if data["search"] == "frozen":
             data = {k: v for k, v in data.items() if not k.startswith("search")}
+        if tuple(data["pool_range"]) == POOL_RANGE:  # added later; the default keeps earlier keys
+            del data["pool_range"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -159,14 +164,15 @@ def _batches(task, tokenizer, spec: RunSpec, split: str, shuffle: bool) -> DataL
 
 # ---- configurations ------------------------------------------------------------------------------
 
-def pool_budgets(pool_size: int) -> np.ndarray:
-    return np.linspace(*POOL_RANGE, pool_size)
+def pool_budgets(pool_size: int, pool_range: tuple[float, float] = POOL_RANGE) -> np.ndarray:
+    return np.linspace(*pool_range, pool_size)
 
 
-def unseen_budgets(pool_size: int, eval_budgets, n: int = N_UNSEEN_BUDGETS) -> tuple[float, ...]:
+def unseen_budgets(pool_size: int, eval_budgets, n: int = N_UNSEEN_BUDGETS,
+                   pool_range: tuple[float, float] = POOL_RANGE) -> tuple[float, ...]:
     """Budgets half-way between consecutive initial-pool budgets, nearest the evaluation range first,
     so their ILP configurations are not in CoA-LoRA's initial training set."""
-    grid = pool_budgets(pool_size)
+    grid = pool_budgets(pool_size, pool_range)
     mids = (grid[1:] + grid[:-1]) / 2
     lo, hi = min(eval_budgets), max(eval_budgets)
     ranked = sorted(mids, key=lambda b: (not lo <= b <= hi, abs(b - (lo + hi) / 2)))
@@ -191,7 +197,7 @@ def training_configurations(spec: RunSpec) -> list[Configuration]:
     """CoA-LoRA: ILP configurations spread evenly over POOL_RANGE; the others: the evaluation budgets."""
     if spec.method != "coalora":
         return [allocate(spec.backbone, b, spec.space) for b in spec.eval_budgets]
-    budgets = pool_budgets(spec.scale.pool_size)
+    budgets = pool_budgets(spec.scale.pool_size, tuple(spec.pool_range))
     unique = {c.digest(): c for c in (allocate(spec.backbone, float(b), spec.space) for b in budgets)}
     return list(unique.values())
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from coalora import assets, models
 from coalora.configs import Configuration, LayerQuant, Layout, MatrixSpec, QuantSpace
-from coalora.quant import dequantize_blocks, double_quantize_scales, to_blocks
+from coalora.quant import double_quantize_scales, snap_to_code, to_blocks
 from coalora.repro import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -80,9 +80,10 @@ def matrix_costs(weight: torch.Tensor, space: QuantSpace, importance: torch.Tens
         for scale_bits in space.scale_bits:
             for scale_dtype in space.scale_dtype:
                 for group_size in space.group_size:
-                    scales = double_quantize_scales(absmax, scale_bits, scale_dtype, group_size)
+                    scales = double_quantize_scales(absmax, scale_bits, scale_dtype, group_size)[:, None]
+                    normalized = blocks / torch.where(scales > 0, scales, torch.ones_like(scales))  # once per scale
                     for bits in space.bits:
-                        err = (blocks - dequantize_blocks(blocks, scales, space.kind, bits)) ** 2
+                        err = (blocks - snap_to_code(normalized, space.kind, bits) * scales) ** 2
                         if weights is not None:
                             err = err * weights
                         lq = LayerQuant(space.kind, bits, scale_bits, scale_dtype, block_size, group_size)

@@ -72,7 +72,7 @@ SCALES = {
 }
 LM_SCALES = {  # causal LMs: blocks of max_length tokens
     "smoke": Scale(n_train=8, n_dev=4, batch_size=2, max_length=64, epochs=1, pool_size=4, n_random_unseen=1),
-    "default": Scale(n_train=256, n_dev=32, batch_size=4, max_length=256, epochs=1, pool_size=12,
+    "default": Scale(n_train=128, n_dev=32, batch_size=4, max_length=128, epochs=1, pool_size=12,
                      n_random_unseen=3),
     "large": Scale(n_train=1024, n_dev=64, batch_size=1, max_length=1024, epochs=1, pool_size=20,
                    n_random_unseen=5),

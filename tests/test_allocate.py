@@ -3,6 +3,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 from transformers import BertConfig, BertForSequenceClassification
 
 from coalora.allocate import (CostTable, allocate, compute_cost_table, configuration_from_choice, cost_table,
@@ -100,6 +101,49 @@ def test_cost_table_matches_quantization_error(minilm_weights):
     from coalora.quant import quantization_error
     for j in (0, 17, 200, 431):
         assert row[j] == pytest.approx(quantization_error(weight, space.options()[j]), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["nf", "int"])
+def test_sampled_cost_estimates_the_exact_one(minilm_weights, kind):
+    """A quarter of the chunks estimates every option's error closely and keeps the options' order."""
+    weight = minilm_weights["encoder.layer.2.intermediate.dense"]                       # [1536, 384]
+    space = QuantSpace.named(kind)
+    exact, sampled = matrix_costs(weight, space), matrix_costs(weight, space, fraction=0.25)
+    assert np.median(np.abs(sampled / exact - 1)) < 0.03
+    assert stats.spearmanr(sampled, exact).statistic > 0.99
+    assert not np.array_equal(sampled, exact)                                 # it really sampled
+    np.testing.assert_array_equal(matrix_costs(weight, space, fraction=0.25), sampled)  # seeded
+
+
+def test_sample_covers_whole_blocks_and_rejects_bad_fractions():
+    from coalora.allocate import _chunk_rows
+    chunks = torch.tensor([0, 10])                      # 700 weights: chunk 10 is the partial last one
+    assert _chunk_rows(chunks, 16, n_blocks=44).tolist() == [0, 1, 2, 3, 40, 41, 42, 43]
+    assert _chunk_rows(chunks, 64, n_blocks=11).tolist() == [0, 10]
+    assert _chunk_rows(torch.tensor([1]), 32, n_blocks=3).tolist() == [2]   # row 3 is past the end
+    weight = torch.randn(10, 70)
+    space = QuantSpace(name="nf", kind="nf", bits=(4,), scale_bits=(8,), scale_dtype=("fp32",), group_size=(16,))
+    np.testing.assert_array_equal(matrix_costs(weight, space, fraction=1.0), matrix_costs(weight, space))
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="fraction"):
+            matrix_costs(weight, space, fraction=bad)
+
+
+def test_sample_fraction_is_exact_for_small_models(minilm_table):
+    from coalora.allocate import COST_TABLE_SAMPLE, sample_fraction
+    assert sample_fraction(minilm_table.layout) == 1.0
+    big = Layout("big", tuple(MatrixSpec(f"m{i}", (4096, 4096), 0, "q") for i in range(4)))
+    assert sample_fraction(big) == pytest.approx(COST_TABLE_SAMPLE / (4 * 4096 * 4096))
+
+
+def test_allocation_from_a_sampled_table_is_near_optimal(minilm_table, minilm_weights):
+    """What sampling is for: the ILP's choice from a 10% sample costs within 1% of the exact optimum."""
+    weights = {f"bert.{name}": w for name, w in minilm_weights.items()}       # the layout's module names
+    sampled = compute_cost_table(weights, minilm_table.layout, QuantSpace.nf(), fraction=0.1)
+    for budget in (3.0, 4.0, 5.0):
+        _, optimum = solve_allocation(minilm_table, budget)
+        choice, _ = solve_allocation(sampled, budget)
+        assert minilm_table.costs[np.arange(len(choice)), choice].sum() <= 1.01 * optimum
 
 
 def test_fisher_weighting_moves_bits_to_important_matrices():

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
@@ -33,9 +33,9 @@ from coalora.configs import Configuration, QuantSpace
 from coalora.data import lm_blocks, load_task, tokenize_classification
 from coalora.metrics import TASK_METRICS, evaluate
 from coalora.presets import check_preset
-from coalora.repro import provenance, seed_everything, write_json_atomic
+from coalora.repro import atomic_path, provenance, seed_everything, write_json_atomic
 from coalora.search import check_mode, fixed_batches, make_search_hook
-from coalora.train import PER_CONFIGURATION, HyperParams, check_method, train
+from coalora.train import PER_CONFIGURATION, HyperParams, Trained, check_method, train
 
 logger = logging.getLogger(__name__)
 
@@ -204,10 +204,10 @@ def training_configurations(spec: RunSpec) -> list[Configuration]:
 
 # ---- the run -------------------------------------------------------------------------------------
 
-def _execute(spec: RunSpec) -> tuple[pd.DataFrame, dict[str, dict[str, torch.Tensor]], list[dict], list[dict]]:
+def _setup(spec: RunSpec):
+    """Seeded task, CoA-LoRA/LoRA model and batches of a run: what training and evaluation share."""
     seed_everything(spec.seed)
     task = load_task(spec.task, spec.preset)
-    backbone_spec = models.backbone_spec(spec.backbone)
     backbone, tokenizer = models.load_backbone(spec.backbone, task.kind, num_labels=task.num_labels or 2)
     layout = models.matrix_layout(backbone, spec.backbone)
     model = lora.build_lora_model(backbone, layout, QuantSpace.named(spec.space), rank=spec.hp.rank,
@@ -216,22 +216,19 @@ def _execute(spec: RunSpec) -> tuple[pd.DataFrame, dict[str, dict[str, torch.Ten
                                   task_type="SEQ_CLS" if task.kind == "classification" else "CAUSAL_LM")
     train_batches = _batches(task, tokenizer, spec, "train", shuffle=True)
     dev_batches = _batches(task, tokenizer, spec, "dev", shuffle=False)
-    search = None
-    if spec.search != "frozen":
-        search = make_search_hook(spec.search, QuantSpace.named(spec.space), layout,
-                                  fixed_batches(train_batches, spec.search_batches), spec.search_starts,
-                                  spec.search_steps, spec.search_segments, spec.seed)
-    trained = train(spec.method, model, training_configurations(spec), train_batches, spec.hp, spec.seed, search)
-    seen = {c.digest() for c in trained.configurations}
+    return task, model, layout, train_batches, dev_batches
+
+
+def _score(spec: RunSpec, task, trained, evaluations, dev_batches, seen: set[str]) -> list[dict]:
+    """Tidy rows: `trained` evaluated on each (kind, budget, configuration) of `evaluations`."""
+    label = models.backbone_spec(spec.backbone).label
+    metric = TASK_METRICS[task.kind]
     rows = []
-    for kind, budget, configuration in evaluation_configurations(spec, layout):
-        if kind == "unseen" and configuration.digest() in seen:
-            continue  # only configurations never trained on count as unseen
+    for kind, budget, configuration in evaluations:
         result = evaluate(trained.load_for(configuration), configuration, dev_batches, task.kind)
         key = configuration.digest() if spec.method in PER_CONFIGURATION else "shared"
-        metric = TASK_METRICS[task.kind]
         rows.append({
-            "method": spec.method, "backbone": spec.backbone, "backbone_label": backbone_spec.label,
+            "method": spec.method, "backbone": spec.backbone, "backbone_label": label,
             "task": spec.task, "task_source": task.source, "stand_in": task.stand_in, "preset": spec.preset,
             "quantizer": spec.space, "configuration_id": configuration.digest(), "kind": kind,
             "budget": budget, "avg_bits": configuration.avg_bits,
@@ -239,7 +236,48 @@ def _execute(spec: RunSpec) -> tuple[pd.DataFrame, dict[str, dict[str, torch.Ten
             "value": result[metric], "loss": result["loss"],
             "train_seconds": trained.train_seconds[key], "eval_seconds": result["eval_seconds"],
         })
+    return rows
+
+
+def _execute(spec: RunSpec) -> tuple[pd.DataFrame, dict[str, dict[str, torch.Tensor]], list[dict], list[dict]]:
+    task, model, layout, train_batches, dev_batches = _setup(spec)
+    search = None
+    if spec.search != "frozen":
+        search = make_search_hook(spec.search, QuantSpace.named(spec.space), layout,
+                                  fixed_batches(train_batches, spec.search_batches), spec.search_starts,
+                                  spec.search_steps, spec.search_segments, spec.seed)
+    trained = train(spec.method, model, training_configurations(spec), train_batches, spec.hp, spec.seed, search)
+    seen = {c.digest() for c in trained.configurations}
+    evaluations = [(kind, budget, configuration)
+                   for kind, budget, configuration in evaluation_configurations(spec, layout)
+                   if not (kind == "unseen" and configuration.digest() in seen)]  # unseen = never trained on
+    rows = _score(spec, task, trained, evaluations, dev_batches, seen)
     return pd.DataFrame(rows), trained.states, trained.history, [] if search is None else search.to_rows()
+
+
+def seen_rows(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
+    """A frozen-search CoA-LoRA run scored on its own training configurations (kind "seen"), for
+    Figure 3's seen-vs-unseen panel: the run's target and unseen configurations are never trained on.
+    Reloads the cached adapter (running the experiment first if needed); cached as seen.csv."""
+    spec = spec.resolved()
+    if spec.method != "coalora" or spec.search != "frozen":
+        raise ValueError(f"seen configurations are CoA-LoRA's fixed training set: need method='coalora' and "
+                         f"search='frozen', got method={spec.method!r}, search={spec.search!r}")
+    rows = run_experiment(spec)
+    folder = run_dir(spec)
+    if (folder / "seen.csv").exists() and not recompute:
+        return _read_rows(folder, spec, "seen.csv")
+    task, model, _, _, dev_batches = _setup(spec)
+    state = load_file(folder / "adapters.safetensors")
+    states = {"shared": {name.split("/", 1)[1]: t for name, t in state.items() if name.startswith("shared/")}}
+    configurations = training_configurations(spec)
+    trained = Trained(spec.method, model, configurations, states,
+                      {"shared": float(rows["train_seconds"].iloc[0])})
+    seen = _score(spec, task, trained, [("seen", None, c) for c in configurations], dev_batches,
+                  {c.digest() for c in configurations})
+    with atomic_path(folder / "seen.csv") as tmp:
+        pd.DataFrame(seen).to_csv(tmp, index=False)
+    return _read_rows(folder, spec, "seen.csv")
 
 
 def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
@@ -269,8 +307,8 @@ def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
     return _read_rows(folder, spec)
 
 
-def _read_rows(folder: Path, spec: RunSpec) -> pd.DataFrame:
-    rows = pd.read_csv(folder / "rows.csv")
+def _read_rows(folder: Path, spec: RunSpec, name: str = "rows.csv") -> pd.DataFrame:
+    rows = pd.read_csv(folder / name)
     rows.insert(1, "search", spec.search)  # from the spec, the source of truth for what it says
     return rows
 

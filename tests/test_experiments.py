@@ -112,3 +112,22 @@ def test_pareto_search_run_records_its_rounds(runs_in_tmp):
 def test_search_needs_coalora():
     with pytest.raises(ValueError, match="takes search='frozen'"):
         spec("qlora", search="random")
+
+
+def test_seen_rows_reload_the_trained_adapter_and_score_its_training_set(runs_in_tmp):
+    """The pool's budgets (2.25, 4.75, 7.25 for 3 configurations) as evaluation budgets make the targets
+    training configurations, so the reloaded adapter must reproduce the run's own scores exactly."""
+    run = RunSpec(preset="smoke", task="sst2", method="coalora", eval_budgets=(4.75, 7.25), unseen_budgets=(3.5,),
+                  scale=TINY, hp=HyperParams(epochs=1))
+    rows = run_experiment(run)
+    assert rows.loc[rows["kind"] == "target", "seen"].all()
+    seen = experiments.seen_rows(run)
+    assert (seen["kind"] == "seen").all() and seen["seen"].all()
+    assert len(seen) == len(experiments.training_configurations(run.resolved()))
+    both = rows[rows["kind"] == "target"].merge(seen, on="configuration_id", suffixes=("", "_reloaded"))
+    assert len(both) == 2
+    pd.testing.assert_series_equal(both["value"], both["value_reloaded"], check_names=False)
+    assert (runs_in_tmp / run.key() / "seen.csv").exists()
+    pd.testing.assert_frame_equal(experiments.seen_rows(run), seen)        # cached
+    with pytest.raises(ValueError, match="search='frozen'"):
+        experiments.seen_rows(spec("qlora"))

@@ -1,0 +1,106 @@
+"""The notebook sequence: paired scripts in sync, no committed outputs, one `parameters` cell each, and
+every notebook executed headless with papermill at the smoke preset, checking the files it writes."""
+
+import json
+from pathlib import Path
+
+import jupytext
+import pandas as pd
+import papermill
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+# notebook -> {results file: (required columns, minimum rows)} at the smoke preset with seed 0
+EXPECTED = {
+    "01_fig1_motivation": {
+        "fig1_accuracy_gap.csv": (["budget", "qlora", "shared", "gap_points"], 4),
+        "fig1_fine_tuning_time.csv": (["method", "n_configurations", "seconds", "trains_once"], 4 * 20)},
+    "02_fig2_workflow": {
+        "fig2_search_rounds.csv": (["epoch", "mode", "role", "configuration_id", "avg_bits", "loss"], 6)},
+    "03_table1": {
+        "table1_sst2.csv": (["method", "budget", "mean", "std", "n_seeds", "avg_bits"], 16)},
+    "04_fig3_bitwidth": {
+        "fig3_accuracy_by_bits.csv": (["method", "budget", "mean", "std", "quantizer"], 32),
+        "fig3_coalora_seen_unseen.csv": (["configuration_id", "avg_bits", "value", "seen"], 8),
+        "fig3_hypervolume.csv": (["method", "seed", "hypervolume", "quantizer"], 8)},
+    "05_fig4_perplexity": {
+        "fig4_perplexity_by_bits.csv": (["method", "budget", "mean", "std", "n_seeds"], 16),
+        "fig4_hypervolume.csv": (["method", "seed", "hypervolume"], 4)},
+}
+FIGURES = {"01_fig1_motivation": "fig1_motivation", "02_fig2_workflow": "fig2_workflow",
+           "04_fig3_bitwidth": "fig3_bitwidth", "05_fig4_perplexity": "fig4_perplexity"}
+
+
+def _execute(notebook: Path, out_dir: Path, **parameters) -> Path:
+    executed = out_dir / notebook.name
+    papermill.execute_notebook(str(notebook), str(executed), kernel_name="python3", cwd=str(ROOT),
+                               parameters={"preset": "smoke", "seeds": [0], "output_root": str(out_dir),
+                                           **parameters}, progress_bar=False)
+    return executed
+
+
+def test_every_notebook_is_expected():
+    assert [nb.stem for nb in NOTEBOOKS] == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_paired_script_is_in_sync(notebook):
+    script = notebook.with_suffix(".py")
+    assert script.exists(), f"{notebook.name} has no paired {script.name}"
+    a, b = jupytext.read(notebook), jupytext.read(script)
+    assert [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in a.cells] == \
+           [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in b.cells]
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_has_no_outputs_and_one_parameters_cell(notebook):
+    nb = json.loads(notebook.read_text())
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(c["outputs"] == [] and c["execution_count"] is None for c in code)
+    tagged = [c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])]
+    assert len(tagged) == 1
+    source = "".join(tagged[0]["source"])
+    for name in ("preset", "recompute", "output_root"):
+        assert f"{name} =" in source
+    assert "seeds =" in source or "seed =" in source
+    assert nb["cells"][0]["cell_type"] == "markdown" and "Paper, " in "".join(nb["cells"][0]["source"])
+    assert nb["cells"][-1]["cell_type"] == "markdown" and "Reading" in "".join(nb["cells"][-1]["source"])
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_at_smoke_and_writes_its_files(notebook, tmp_path):
+    _execute(notebook, tmp_path)
+    results = tmp_path / "results" / "smoke"
+    for name, (columns, min_rows) in EXPECTED[notebook.stem].items():
+        frame = pd.read_csv(results / name)
+        assert set(columns) <= set(frame.columns), f"{name}: {sorted(frame.columns)}"
+        assert len(frame) >= min_rows
+        assert not frame[columns].isna().any().any(), f"NaN in {name}"
+        record = json.loads((results / name).with_name(name.replace(".csv", ".provenance.json")).read_text())
+        assert record["parameters"]["preset"] == "smoke" and record["rows"] == len(frame)
+        assert all(run["key"] for run in record["runs"])
+    if notebook.stem in FIGURES:
+        for suffix in (".png", ".pdf"):
+            assert (tmp_path / "figures" / "smoke" / (FIGURES[notebook.stem] + suffix)).stat().st_size > 1000
+    assert not list((tmp_path / "results").rglob(".*.tmp*")), "temporary files left behind"
+
+
+def test_table1_rewrites_identical_files_on_a_cache_hit_and_same_numbers_on_recompute(tmp_path):
+    notebook = ROOT / "notebooks" / "03_table1.ipynb"
+    first, second, third = (tmp_path / name for name in ("a", "b", "c"))
+    for out, recompute in ((first, False), (second, False), (third, True)):
+        out.mkdir()
+        _execute(notebook, out, recompute=recompute)
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file() and p.suffix in (".csv", ".json"))
+    assert files
+    for f in files:
+        assert (first / f).read_bytes() == (second / f).read_bytes(), f
+    table = Path("results/smoke/table1_sst2.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(first / table), pd.read_csv(third / table))
+
+
+def test_table1_names_the_preset_for_tasks_without_an_offline_source(tmp_path):
+    with pytest.raises(papermill.PapermillExecutionError, match="paper"):
+        _execute(ROOT / "notebooks" / "03_table1.ipynb", tmp_path, task="qnli")

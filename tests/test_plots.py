@@ -1,0 +1,228 @@
+"""The figures' panels and files, drawn from small hand-made tidy frames (no model, no run): what each
+panel draws, the axis labels, the caption, and that re-saving a figure gives identical PNG and PDF files."""
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+from coalora import plots, studies
+
+
+@pytest.fixture(autouse=True)
+def project_style():
+    """The project style for each test, without leaking it into other tests; every figure closed."""
+    with matplotlib.rc_context(plots.STYLE):
+        yield
+    plt.close("all")
+
+
+def rows(method: str, seed: int, values: dict, train_seconds=1.0, kind: str = "target") -> list[dict]:
+    return [{"method": method, "search": "frozen", "backbone": "minilm-l6", "backbone_label": "MiniLM-L6 (stand-in)",
+             "task": "sst2", "task_source": "RT sentences (offline stand-in for GLUE SST-2)", "stand_in": True,
+             "preset": "smoke", "quantizer": "nf", "configuration_id": f"{method}-{kind}-{b}", "kind": kind,
+             "budget": None if kind == "seen" else b, "avg_bits": b + 0.02, "seen": False, "seed": seed,
+             "metric": "accuracy", "value": v, "loss": 1 - v,
+             "train_seconds": train_seconds[b] if isinstance(train_seconds, dict) else train_seconds,
+             "eval_seconds": 0.1}
+            for b, v in values.items()]
+
+
+def tidy(*runs) -> pd.DataFrame:
+    return pd.DataFrame([r for run in runs for r in run])
+
+
+def labelled(ax) -> bool:
+    return bool(ax.get_xlabel()) and bool(ax.get_ylabel())
+
+
+def legend_labels(ax) -> list[str]:
+    return ax.get_legend_handles_labels()[1]
+
+
+# ---- files and captions ----------------------------------------------------------------------------
+
+def draw_sample(fig) -> None:
+    ax = fig.add_subplot()
+    summary = studies.by_budget(tidy(rows("qlora", 0, {3.0: 0.7, 4.0: 0.8}, {3.0: 1.0, 4.0: 1.0}),
+                                     rows("qlora", 1, {3.0: 0.72, 4.0: 0.83}, {3.0: 1.0, 4.0: 1.0}),
+                                     rows("coalora", 0, {3.0: 0.75, 4.0: 0.85})))
+    plots.plot_by_budget(ax, summary, "accuracy (%)")
+    ax.legend()
+    ax.set_title("sample – α")
+
+
+def test_save_figure_writes_png_and_pdf(tmp_path):
+    fig = plt.figure(figsize=(3, 2))
+    draw_sample(fig)
+    paths = plots.save_figure(fig, tmp_path / "figs" / "sub", "sample")
+    assert paths == [tmp_path / "figs" / "sub" / "sample.png", tmp_path / "figs" / "sub" / "sample.pdf"]
+    assert paths[0].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert paths[1].read_bytes().startswith(b"%PDF")
+    assert b"CreationDate" not in paths[1].read_bytes()
+    assert b"Software" not in paths[0].read_bytes()
+
+
+def test_save_figure_twice_is_byte_identical(tmp_path):
+    fig = plt.figure(figsize=(3, 2))
+    draw_sample(fig)
+    first = plots.save_figure(fig, tmp_path / "a", "sample")
+    second = plots.save_figure(fig, tmp_path / "b", "sample")
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes(), a.suffix
+    again = plt.figure(figsize=(3, 2))                        # the same numbers drawn afresh
+    draw_sample(again)
+    third = plots.save_figure(again, tmp_path / "c", "sample")
+    for a, c in zip(first, third):
+        assert a.read_bytes() == c.read_bytes(), a.suffix
+
+
+def test_use_style_sets_the_project_rc():
+    plots.use_style()                                          # inside the fixture's rc_context: undone after
+    assert plt.rcParams["savefig.dpi"] == 200
+    assert plt.rcParams["pdf.fonttype"] == 42
+    assert plt.rcParams["axes.spines.top"] is False
+
+
+def test_caption_names_backbone_and_source_and_wraps():
+    frame = tidy(rows("qlora", 0, {3.0: 0.7}), rows("coalora", 0, {3.0: 0.8}))
+    text = plots.caption("Figure 1 (smoke preset, seeds [0])", frame, width=40)
+    lines = text.split("\n")
+    assert len(lines) > 1 and all(len(line) <= 40 for line in lines)
+    flat = " ".join(text.split())
+    assert flat.startswith("Figure 1 (smoke preset, seeds [0]): ")
+    assert "MiniLM-L6 (stand-in) on RT sentences (offline stand-in for GLUE SST-2)" in flat
+    assert "\n" not in plots.caption("F", frame)              # the default width holds it on one line
+
+
+def test_caption_lists_every_backbone_and_source_once():
+    other = tidy(rows("qlora", 0, {3.0: 0.7})).assign(backbone_label="Alpha", task_source="GLUE")
+    frame = pd.concat([tidy(rows("qlora", 0, {3.0: 0.7}), rows("shared", 0, {3.0: 0.6})), other])
+    text = plots.caption("T", frame, width=500)
+    assert text == "T: Alpha; MiniLM-L6 (stand-in) on GLUE; RT sentences (offline stand-in for GLUE SST-2)"
+
+
+# ---- panels ----------------------------------------------------------------------------------------
+
+def test_plot_by_budget_one_line_per_method_no_band_for_one_seed():
+    summary = studies.by_budget(tidy(rows("coalora", 0, {4.0: 0.85, 3.0: 0.75}),
+                                     rows("shared", 0, {3.0: 0.6, 4.0: 0.7}),
+                                     rows("qlora", 0, {3.0: 0.7, 4.0: 0.8}, {3.0: 1.0, 4.0: 1.0})))
+    fig, ax = plt.subplots()
+    plots.plot_by_budget(ax, summary, "accuracy (%)")
+    assert len(ax.get_lines()) == 3
+    assert len(ax.collections) == 0
+    assert legend_labels(ax) == ["QLoRA", "Shared-LoRA", "CoA-LoRA"]
+    coalora = ax.get_lines()[2]
+    assert list(coalora.get_xdata()) == pytest.approx([3.02, 4.02])   # sorted by average bits
+    assert list(coalora.get_ydata()) == pytest.approx([75.0, 85.0])   # in percent
+    assert ax.get_ylabel() == "accuracy (%)" and labelled(ax)
+    plt.close(fig)
+
+
+def test_plot_by_budget_band_only_for_methods_with_several_seeds():
+    summary = studies.by_budget(tidy(rows("qlora", 0, {3.0: 0.7, 4.0: 0.8}, {3.0: 1.0, 4.0: 1.0}),
+                                     rows("qlora", 1, {3.0: 0.74, 4.0: 0.84}, {3.0: 1.0, 4.0: 1.0}),
+                                     rows("lqlora", 0, {3.0: 0.7, 4.0: 0.8}, {3.0: 1.0, 4.0: 1.0}),
+                                     rows("lqlora", 1, {3.0: 0.72, 4.0: 0.8}, {3.0: 1.0, 4.0: 1.0}),
+                                     rows("coalora", 0, {3.0: 0.75, 4.0: 0.85})))
+    fig, ax = plt.subplots()
+    plots.plot_by_budget(ax, summary, "accuracy (%)")
+    assert len(ax.get_lines()) == 3
+    assert len(ax.collections) == 2                            # QLoRA and LQ-LoRA, not CoA-LoRA
+    band = ax.collections[0].get_paths()[0].vertices
+    qlora_std = 100 * np.std([0.70, 0.74], ddof=1)
+    assert band[:, 1].min() == pytest.approx(72.0 - qlora_std)
+    assert band[:, 1].max() == pytest.approx(82.0 + qlora_std)
+    plt.close(fig)
+
+
+def test_plot_by_budget_unscaled_for_perplexity():
+    summary = pd.DataFrame({"method": ["shared", "shared"], "budget": [3.0, 4.0], "mean": [40.0, 30.0],
+                            "std": [0.0, 0.0], "n_seeds": [1, 1], "avg_bits": [3.0, 4.0]})
+    fig, ax = plt.subplots()
+    plots.plot_by_budget(ax, summary, "perplexity", scale=1.0)
+    assert list(ax.get_lines()[0].get_ydata()) == [40.0, 30.0]
+    plt.close(fig)
+
+
+def test_plot_gap_draws_both_methods_and_the_gap():
+    frame = tidy(rows("qlora", 0, {3.0: 0.8, 4.0: 0.9}, {3.0: 1.0, 4.0: 1.0}), rows("shared", 0, {3.0: 0.7, 4.0: 0.85}))
+    gap = studies.accuracy_gap(frame)
+    fig, ax = plt.subplots()
+    plots.plot_gap(ax, gap)
+    assert len(ax.get_lines()) == 2 and len(ax.collections) == 1
+    assert legend_labels(ax) == ["QLoRA", "Shared-LoRA", "gap"]
+    assert list(ax.get_lines()[0].get_ydata()) == pytest.approx([80.0, 90.0])
+    assert labelled(ax)
+    plt.close(fig)
+
+
+def test_plot_cumulative_time_lines_per_method_in_minutes():
+    frame = tidy(rows("qlora", 0, {3.0: 0.8, 4.0: 0.9}, {3.0: 60.0, 4.0: 120.0}),
+                 rows("shared", 0, {3.0: 0.7, 4.0: 0.8}, 300.0),
+                 rows("coalora", 0, {3.0: 0.8, 4.0: 0.9}, 600.0))
+    times = studies.fine_tuning_time(frame, range(1, 5))
+    fig, ax = plt.subplots()
+    plots.plot_cumulative_time(ax, times)
+    lines = ax.get_lines()
+    assert len(lines) == 3
+    assert legend_labels(ax) == ["QLoRA", "Shared-LoRA", "CoA-LoRA"]
+    assert list(lines[0].get_ydata()) == pytest.approx([1.5, 3.0, 4.5, 6.0])
+    assert list(lines[2].get_ydata()) == pytest.approx([10.0] * 4)
+    assert labelled(ax)
+    plt.close(fig)
+
+
+def test_plot_seen_unseen_fills_seen_points():
+    points = pd.DataFrame({"method": "coalora", "seed": 0, "configuration_id": list("abcde"),
+                           "kind": ["seen", "seen", "target", "unseen", "unseen"],
+                           "avg_bits": [2.5, 5.0, 3.0, 3.5, 4.2], "value": [0.7, 0.9, 0.8, 0.82, 0.85],
+                           "seen": [True, True, False, False, False]})
+    fig, ax = plt.subplots()
+    plots.plot_seen_unseen(ax, points)
+    assert len(ax.collections) == 2
+    assert legend_labels(ax) == ["seen configurations (2)", "unseen configurations (3)"]
+    seen, unseen = ax.collections
+    assert seen.get_offsets()[:, 1].tolist() == pytest.approx([70.0, 90.0])
+    assert seen.get_facecolors()[0][3] == 1.0                  # filled
+    assert len(unseen.get_facecolors()) == 0 or unseen.get_facecolors()[0][3] == 0.0   # hollow
+    assert ax.get_xlabel()
+    plt.close(fig)
+
+
+def test_plot_search_rounds_one_front_per_epoch():
+    rounds = pd.DataFrame(
+        [{"epoch": e, "mode": "pareto", "role": role, "configuration_id": f"{e}{role}{i}", "avg_bits": 3.0 + i,
+          "loss": 1.0 - 0.1 * i - 0.05 * e}
+         for e in (0, 1) for role, n in (("pool", 4), ("proposal", 2), ("kept", 3)) for i in range(n)])
+    fig, ax = plt.subplots()
+    plots.plot_search_rounds(ax, rounds)
+    assert len(ax.get_lines()) == 2
+    assert len(ax.collections) == 2 * 2 + 2                   # pool and proposals per epoch + two legend keys
+    assert legend_labels(ax) == ["epoch 0: kept 3", "epoch 1: kept 3", "scored pool", "proposals"]
+    assert list(ax.get_lines()[1].get_xdata()) == [3.0, 4.0, 5.0]
+    assert labelled(ax)
+    plt.close(fig)
+
+
+def test_plot_search_rounds_single_epoch():
+    rounds = pd.DataFrame({"epoch": [0, 0], "mode": "pareto", "role": ["pool", "kept"],
+                           "configuration_id": ["a", "b"], "avg_bits": [3.0, 4.0], "loss": [0.5, 0.4]})
+    fig, ax = plt.subplots()
+    plots.plot_search_rounds(ax, rounds)
+    assert len(ax.get_lines()) == 1 and labelled(ax)
+    plt.close(fig)
+
+
+def test_plot_workflow_draws_the_loop():
+    fig, ax = plt.subplots()
+    plots.plot_workflow(ax)
+    texts = [t.get_text() for t in ax.texts]
+    assert len(texts) == 5 + 4                                 # four boxes, the centre label, four arrows
+    assert "every epoch" in texts
+    assert any("Pareto" in t for t in texts)
+    assert not ax.axison
+    assert ax.get_xlim() == (0.0, 1.0) and ax.get_ylim() == (0.0, 1.0)
+    plt.close(fig)

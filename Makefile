@@ -29,15 +29,17 @@ assets: install
 test: assets
 	$(PY) -m pytest
 
-# Executed copies go to out/notebooks (ignored); the notebooks write figures/ and results/.
+# Executed copies go to out/notebooks/<preset> (ignored); the notebooks write figures/ and results/
+# (for a preset other than default, figures/<preset>/ and results/<preset>/).
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+PRESET    ?= default
 
 reproduce: assets
-	@mkdir -p out/notebooks
-	@if [ -z "$(NOTEBOOKS)" ]; then echo "no notebooks yet: running what exists (bench/quant.py)"; $(PY) bench/quant.py; fi
+	@mkdir -p out/notebooks/$(PRESET)
 	@for nb in $(NOTEBOOKS); do \
-		echo "papermill $$nb"; \
-		$(PY) -m papermill $$nb out/notebooks/$$(basename $$nb) -p preset default -k python3 || exit 1; \
+		echo "papermill $$nb (preset $(PRESET))"; \
+		$(PY) -m papermill $$nb out/notebooks/$(PRESET)/$$(basename $$nb) -p preset $(PRESET) -k python3 \
+			--no-progress-bar || exit 1; \
 	done
 
 bench: assets

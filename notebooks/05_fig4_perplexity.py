@@ -61,7 +61,8 @@ print("perplexity by budget:\n", wide.to_string())
 print("best per budget:", wide.idxmin(axis=1).map(studies.METHOD_LABELS).to_dict())
 
 # %% [markdown]
-# **Reading.** In the paper CoA-LoRA has the lowest or near-lowest perplexity at every bit-width on all
-# three LLMs, with the largest margins at low bits. The printed lines give this run's perplexities and the
-# best method per budget. The offline "full-precision" model is itself a dequantized 4-bit GGUF, so the
-# perplexities are not comparable to the paper's, only the ordering of methods within a budget is.
+# **Reading.** In the paper (its Figure 6; Qwen2.5-1.5B/3B, LLaMA-2-7B on C4) CoA-LoRA is consistently better
+# than Shared-LoRA and comparable to or better than QLoRA and LQ-LoRA, while training once. The printed lines
+# give this run's perplexities and the best method per budget. The offline "full-precision" model is itself a
+# dequantized 4-bit GGUF and the text is a stand-in for C4, so the perplexities are not comparable to the
+# paper's; only the ordering of methods within a budget is.

@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 # Bump when training or evaluation changes in a way that changes numbers: old cached runs are ignored.
 RUN_VERSION = 1
+# Bump when the configuration search changes numbers: only pareto/random runs are ignored. Version 2 draws
+# the search's scoring batches from a loader of their own, so a searched run's first epoch sees exactly the
+# data order of its frozen twin (version 1 advanced the training loader's shuffle generator).
+SEARCH_VERSION = 2
 
 EVAL_BUDGETS = {"nf": (2.5, 3.0, 3.5, 4.0), "int": (3.0, 4.0, 5.0, 6.0)}
 POOL_RANGE = (2.25, 7.25)  # the initial CoA-LoRA training set spans this (method.md D.5)
@@ -134,6 +138,8 @@ class RunSpec:
         data = {"version": RUN_VERSION, **asdict(self.resolved())}
         if data["search"] == "frozen":
             data = {k: v for k, v in data.items() if not k.startswith("search")}
+        else:
+            data["search_version"] = SEARCH_VERSION
         if tuple(data["pool_range"]) == POOL_RANGE:  # added later; the default keeps earlier keys
             del data["pool_range"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -216,7 +222,7 @@ def _setup(spec: RunSpec):
                                   task_type="SEQ_CLS" if task.kind == "classification" else "CAUSAL_LM")
     train_batches = _batches(task, tokenizer, spec, "train", shuffle=True)
     dev_batches = _batches(task, tokenizer, spec, "dev", shuffle=False)
-    return task, model, layout, train_batches, dev_batches
+    return task, tokenizer, model, layout, train_batches, dev_batches
 
 
 def _score(spec: RunSpec, task, trained, evaluations, dev_batches, seen: set[str]) -> list[dict]:
@@ -240,11 +246,12 @@ def _score(spec: RunSpec, task, trained, evaluations, dev_batches, seen: set[str
 
 
 def _execute(spec: RunSpec) -> tuple[pd.DataFrame, dict[str, dict[str, torch.Tensor]], list[dict], list[dict]]:
-    task, model, layout, train_batches, dev_batches = _setup(spec)
+    task, tokenizer, model, layout, train_batches, dev_batches = _setup(spec)
     search = None
     if spec.search != "frozen":
+        scoring = _batches(task, tokenizer, spec, "train", shuffle=True)  # own generator: train order untouched
         search = make_search_hook(spec.search, QuantSpace.named(spec.space), layout,
-                                  fixed_batches(train_batches, spec.search_batches), spec.search_starts,
+                                  fixed_batches(scoring, spec.search_batches), spec.search_starts,
                                   spec.search_steps, spec.search_segments, spec.seed)
     trained = train(spec.method, model, training_configurations(spec), train_batches, spec.hp, spec.seed, search)
     seen = {c.digest() for c in trained.configurations}
@@ -267,7 +274,7 @@ def seen_rows(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
     folder = run_dir(spec)
     if (folder / "seen.csv").exists() and not recompute:
         return _read_rows(folder, spec, "seen.csv")
-    task, model, _, _, dev_batches = _setup(spec)
+    task, _, model, _, _, dev_batches = _setup(spec)
     state = load_file(folder / "adapters.safetensors")
     states = {"shared": {name.split("/", 1)[1]: t for name, t in state.items() if name.startswith("shared/")}}
     configurations = training_configurations(spec)

@@ -131,3 +131,13 @@ def test_seen_rows_reload_the_trained_adapter_and_score_its_training_set(runs_in
     pd.testing.assert_frame_equal(experiments.seen_rows(run), seen)        # cached
     with pytest.raises(ValueError, match="search='frozen'"):
         experiments.seen_rows(spec("qlora"))
+
+
+def test_searched_run_trains_its_first_epoch_exactly_like_its_frozen_twin(runs_in_tmp):
+    """The search's scoring batches must not advance the training loader's shuffle generator, so an
+    ablation compares search modes on the same data order; the key also moves with SEARCH_VERSION."""
+    import json
+    frozen, random = spec("coalora"), spec("coalora", search="random")
+    run_experiment(frozen), run_experiment(random)
+    first = [json.loads((runs_in_tmp / s.key() / "history.json").read_text())[0]["loss"] for s in (frozen, random)]
+    assert first[0] == first[1]

@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg", force=False)  # headless by default; a notebook's inline backend still wins
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from coalora.studies import METHOD_LABELS, METHOD_ORDER  # noqa: E402
@@ -94,6 +95,7 @@ def plot_cumulative_time(ax, times: pd.DataFrame) -> None:
         t = times[times["method"].astype(str) == method]
         ax.plot(t["n_configurations"], t["seconds"] / 60, marker=MARKERS[method], color=COLORS[method],
                 label=METHOD_LABELS[method], ms=4)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("number of quantization configurations served")
     ax.set_ylabel("cumulative fine-tuning time (min)")
 

@@ -50,14 +50,14 @@ studies.write_results(times, results / "fig1_fine_tuning_time.csv", parameters, 
 gap.round(4)
 
 # %%
-fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
+fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2), layout="constrained")
 plots.plot_gap(left, gap)
 left.set_title("one adapter per configuration vs one shared")
 left.legend()
 plots.plot_cumulative_time(right, times)
 right.set_title("cumulative fine-tuning time")
 right.legend()
-fig.suptitle(plots.caption(f"Figure 1 ({preset} preset, seeds {seeds})", rows, 110), fontsize=8, y=1.06)
+fig.suptitle(plots.caption(f"Figure 1 ({preset} preset, seeds {seeds})", rows, 110), fontsize=8)
 plots.save_figure(fig, figures, "fig1_motivation")
 
 # %%

@@ -48,14 +48,14 @@ studies.write_results(rounds, results / "fig2_search_rounds.csv", parameters, [s
 rounds.groupby(["epoch", "role"]).size().unstack("role")
 
 # %%
-fig, (loop, data) = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [1, 1.4]})
+fig, (loop, data) = plt.subplots(1, 2, figsize=(9, 3.4), width_ratios=[1, 1.4], layout="constrained")
 plots.plot_workflow(loop)
 loop.set_title("the loop")
 plots.plot_search_rounds(data, rounds)
 data.set_title("training configuration set across search rounds")
 data.legend(loc="upper right")
 fig.suptitle(plots.caption(f"Figure 2 ({preset} preset, seed {seed}, {space.upper()} space)", rows, 120),
-             fontsize=8, y=1.06)
+             fontsize=8)
 plots.save_figure(fig, figures, "fig2_workflow")
 
 # %%

@@ -56,7 +56,7 @@ studies.write_results(hv, results / "fig3_hypervolume.csv", parameters, all_spec
 hv.groupby(["quantizer", "method"], observed=True)["hypervolume"].agg(["mean", "std"]).round(4)
 
 # %%
-fig, axes = plt.subplots(1, 3, figsize=(11, 3.3), sharey=True)
+fig, axes = plt.subplots(1, 3, figsize=(11, 3.3), sharey=True, layout="constrained")
 for ax, space in zip(axes, spaces):
     plots.plot_by_budget(ax, summary[summary["quantizer"] == space], "accuracy (%)")
     ax.set_title(f"{'NF' if space == 'nf' else 'integer'} mixed precision")
@@ -64,7 +64,7 @@ axes[0].legend()
 plots.plot_seen_unseen(axes[2], points)
 axes[2].set_title("CoA-LoRA (NF): seen vs unseen")
 axes[2].legend()
-fig.suptitle(plots.caption(f"Figure 3 ({preset} preset, seeds {seeds})", rows["nf"], 150), fontsize=8, y=1.06)
+fig.suptitle(plots.caption(f"Figure 3 ({preset} preset, seeds {seeds})", rows["nf"], 150), fontsize=8)
 plots.save_figure(fig, figures, "fig3_bitwidth")
 
 # %%

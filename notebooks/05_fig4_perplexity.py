@@ -48,7 +48,7 @@ studies.write_results(hv, results / "fig4_hypervolume.csv", parameters, specs)
 summary.round(3)
 
 # %%
-fig, ax = plt.subplots(figsize=(4.6, 3.3))
+fig, ax = plt.subplots(figsize=(4.6, 3.3), layout="constrained")
 plots.plot_by_budget(ax, summary, "perplexity (lower is better)", scale=1.0)
 ax.legend()
 ax.set_yscale("log")  # low-bit configurations of a 135M model are orders of magnitude worse

@@ -30,6 +30,9 @@ def main() -> None:
     table = target.groupby(["budget", "search"])["value"].agg(["mean", "std"]).mul(100).round(2).unstack("search")
     print("CoA-LoRA accuracy (%) at the NF budgets by search mode, mean and std over seeds", args.seeds)
     print(table.to_string(), "\n")
+    per_seed = target.groupby(["search", "seed"])["value"].mean().mul(100).round(2).unstack("seed")
+    print("mean over the budgets (%) per seed (every mode starts from the same first-epoch data order):")
+    print(per_seed.to_string(), "\n")
     bits_range = QuantSpace.nf().bits_range()
     hv = rows.groupby(["search", "seed"]).apply(
         lambda g: hypervolume(g["avg_bits"], g["value"], bits_range), include_groups=False)

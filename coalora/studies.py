@@ -26,6 +26,7 @@ from coalora.train import METHODS
 
 METHOD_ORDER = ("qlora", "lqlora", "shared", "coalora")
 METHOD_LABELS = {"qlora": "QLoRA", "lqlora": "LQ-LoRA", "shared": "Shared-LoRA", "coalora": "CoA-LoRA"}
+TASK_LABELS = {"sst2": "SST-2", "qnli": "QNLI", "mnli": "MNLI", "c4": "C4"}
 assert set(METHOD_ORDER) == set(METHODS)
 
 # The poster's Table 1 (integer mixed precision, RoBERTa-Large on GLUE): accuracy per task, in the

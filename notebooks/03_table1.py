@@ -53,7 +53,7 @@ paper = studies.paper_table1(task)
 paper_wide = paper.pivot(index="budget", columns="method", values="value").mul(100).round(2)
 paper_wide = paper_wide[list(studies.METHOD_ORDER)].rename(columns=studies.METHOD_LABELS)
 paper_wide.index.name = "avg bits"
-print(f"Table 1, the paper's published numbers (RoBERTa-Large on GLUE {task.upper()}); accuracy %")
+print(f"Table 1, the paper's published numbers (RoBERTa-Large on GLUE {studies.TASK_LABELS[task]}); accuracy %")
 paper_wide
 
 # %%

@@ -128,8 +128,9 @@ def plot_workflow(ax) -> None:
         ax.text(x, y, text, ha="center", va="center", fontsize=8,
                 bbox={"boxstyle": "round,pad=0.5", "fc": "#f2f2f2", "ec": "#555555"})
     for (_, a), (_, b) in zip(steps, steps[1:] + steps[:1]):
-        ax.annotate("", xy=(a[0] + 0.55 * (b[0] - a[0]), a[1] + 0.55 * (b[1] - a[1])),
-                    xytext=(a[0] + 0.45 * (b[0] - a[0]), a[1] + 0.45 * (b[1] - a[1])),
+        lo, hi = (0.45, 0.55) if a[1] == b[1] else (0.3, 0.7)  # boxes are wide: short arrows sideways
+        ax.annotate("", xy=(a[0] + hi * (b[0] - a[0]), a[1] + hi * (b[1] - a[1])),
+                    xytext=(a[0] + lo * (b[0] - a[0]), a[1] + lo * (b[1] - a[1])),
                     arrowprops={"arrowstyle": "->", "color": "#555555"})
     ax.text(0.5, 0.5, "every epoch", ha="center", va="center", fontsize=8, style="italic")
     ax.set_xlim(0, 1)

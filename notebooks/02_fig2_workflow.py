@@ -53,7 +53,7 @@ plots.plot_workflow(loop)
 loop.set_title("the loop")
 plots.plot_search_rounds(data, rounds)
 data.set_title("training configuration set across search rounds")
-data.legend(loc="upper right")
+data.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
 fig.suptitle(plots.caption(f"Figure 2 ({preset} preset, seed {seed}, {space.upper()} space)", rows, 120),
              fontsize=8)
 plots.save_figure(fig, figures, "fig2_workflow")

@@ -85,20 +85,20 @@ def matrix_costs(weight: torch.Tensor, space: QuantSpace, importance: torch.Tens
     chunks = _sampled_chunks(weight.numel(), fraction)                       # [k] or None
     for block_size in space.block_size:
         blocks = to_blocks(weight, block_size)                               # [n, B0]
-        weights = None if importance is None else to_blocks(importance, block_size)
-        absmax = blocks.abs().amax(dim=1)
-        rows = None if chunks is None else _chunk_rows(chunks, block_size, len(blocks))
+        absmax = blocks.abs().amax(dim=1)                                    # scales see every block
+        rows = slice(None) if chunks is None else _chunk_rows(chunks, block_size, len(blocks))
+        kept = blocks[rows]                                                  # [k, B0], gathered once
+        weights = None if importance is None else to_blocks(importance, block_size)[rows]
         for scale_bits in space.scale_bits:
             for scale_dtype in space.scale_dtype:
                 for group_size in space.group_size:
-                    scales = double_quantize_scales(absmax, scale_bits, scale_dtype, group_size)[:, None]
-                    kept, kept_scales = (blocks, scales) if rows is None else (blocks[rows], scales[rows])
-                    safe = torch.where(kept_scales > 0, kept_scales, torch.ones_like(kept_scales))
+                    scales = double_quantize_scales(absmax, scale_bits, scale_dtype, group_size)[rows, None]
+                    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
                     normalized = kept / safe                                  # once per scale setting
                     for bits in space.bits:
-                        err = (kept - snap_to_code(normalized, space.kind, bits) * kept_scales) ** 2
+                        err = (kept - snap_to_code(normalized, space.kind, bits) * scales) ** 2
                         if weights is not None:
-                            err = err * (weights if rows is None else weights[rows])
+                            err = err * weights
                         lq = LayerQuant(space.kind, bits, scale_bits, scale_dtype, block_size, group_size)
                         out[column[lq]] = float(err.sum(dtype=torch.float64))
     if chunks is not None:

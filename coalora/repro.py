@@ -10,7 +10,7 @@ import random
 import subprocess
 import tempfile
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -34,11 +34,12 @@ def seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 # What the notebooks write: regenerating them mid-sequence does not make the code differ from its commit.
 GENERATED_FOLDERS = ("results", "figures")
 
 
-def git_commit(root: Path = Path(__file__).resolve().parent.parent) -> dict:
+def git_commit(root: Path = PACKAGE_ROOT) -> dict:
     """The commit of the coalora checkout and whether anything but its generated outputs
     (GENERATED_FOLDERS) has uncommitted changes ('unknown' when not run from a git checkout)."""
 
@@ -88,7 +89,7 @@ def provenance(parameters: dict, seed: int | None = None) -> dict:
         "packages": package_versions(),
         "python": platform.python_version(),
         "device": device_description(),
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from coalora.repro import atomic_path, git_commit, provenance, seed_everything, write_json_atomic
+from coalora.repro import (
+    atomic_path,
+    git_commit,
+    provenance,
+    seed_everything,
+    write_json_atomic,
+)
 
 
 def draws():
@@ -67,9 +73,8 @@ def test_atomic_write_replaces_whole_file(tmp_path):
 def test_interrupted_atomic_write_leaves_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "result.csv"
     target.write_text("old\n")
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise KeyboardInterrupt
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["result.csv"]

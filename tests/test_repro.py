@@ -6,13 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from coalora.repro import (
-    atomic_path,
-    git_commit,
-    provenance,
-    seed_everything,
-    write_json_atomic,
-)
+from coalora.repro import atomic_path, git_commit, provenance, seed_everything, write_json_atomic
 
 
 def draws():

@@ -10,7 +10,7 @@ import random
 import subprocess
 import tempfile
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -34,10 +34,14 @@ def seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-def git_commit() -> dict:
-    """The commit of the coalora checkout and whether it has uncommitted changes ('unknown' when
-    the package is not run from a git checkout)."""
-    root = Path(__file__).resolve().parent.parent
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+# What the notebooks write: regenerating them mid-sequence does not make the code differ from its commit.
+GENERATED_FOLDERS = ("results", "figures")
+
+
+def git_commit(root: Path = PACKAGE_ROOT) -> dict:
+    """The commit of the coalora checkout and whether anything but its generated outputs
+    (GENERATED_FOLDERS) has uncommitted changes ('unknown' when not run from a git checkout)."""
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
@@ -45,7 +49,8 @@ def git_commit() -> dict:
 
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        excluded = [f":(exclude){folder}" for folder in GENERATED_FOLDERS]
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded))
     except (OSError, subprocess.CalledProcessError):
         return {"commit": "unknown", "dirty": None}
     return {"commit": commit, "dirty": dirty}
@@ -84,7 +89,7 @@ def provenance(parameters: dict, seed: int | None = None) -> dict:
         "packages": package_versions(),
         "python": platform.python_version(),
         "device": device_description(),
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -1,11 +1,12 @@
 import json
 import random
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 
-from coalora.repro import atomic_path, provenance, seed_everything, write_json_atomic
+from coalora.repro import atomic_path, git_commit, provenance, seed_everything, write_json_atomic
 
 
 def draws():
@@ -36,6 +37,24 @@ def test_provenance_record_is_complete_and_json_ready():
     json.dumps(record)
 
 
+def test_regenerated_outputs_do_not_make_the_checkout_dirty_but_code_changes_do(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "table.csv").write_text("a\n1\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    assert git_commit(tmp_path)["dirty"] is False
+    (tmp_path / "results" / "table.csv").write_text("a\n2\n")
+    assert git_commit(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    state = git_commit(tmp_path)
+    assert state["dirty"] is True and len(state["commit"]) == 40
+    assert git_commit(tmp_path / "not-a-repo") == {"commit": "unknown", "dirty": None}
+
+
 def test_atomic_write_replaces_whole_file(tmp_path):
     target = tmp_path / "out" / "result.json"
     write_json_atomic(target, {"a": 1})
@@ -48,9 +67,8 @@ def test_atomic_write_replaces_whole_file(tmp_path):
 def test_interrupted_atomic_write_leaves_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "result.csv"
     target.write_text("old\n")
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise KeyboardInterrupt
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["result.csv"]

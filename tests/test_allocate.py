@@ -1,4 +1,5 @@
 import itertools
+import sys
 
 import numpy as np
 import pytest
@@ -60,6 +61,24 @@ def test_ilp_matches_brute_force_on_a_small_table():
                    if (share * bits[list(c)]).sum() <= budget + 1e-12)
         _, cost = solve_allocation(table, budget)
         assert cost == pytest.approx(best[0])
+
+
+def test_solutions_are_remembered_by_table_contents(monkeypatch):
+    allocate_module = sys.modules["coalora.allocate"]  # `coalora.allocate` the attribute is the function
+    solves = []
+    real_milp = allocate_module.milp
+    monkeypatch.setattr(allocate_module, "milp", lambda *a, **k: solves.append(1) or real_milp(*a, **k))
+    space = QuantSpace("small", "nf", bits=(2, 4), scale_bits=(8,), scale_dtype=("fp32",), block_size=(64,),
+                       group_size=(256,))
+    layout = Layout("toy-memo", tuple(MatrixSpec(f"m{i}", (8, 64), i, "x") for i in range(3)))
+    table = CostTable(layout, space, np.array([[9.0, 1.0], [8.0, 2.0], [7.0, 3.0]]), "none")
+    first, cost = solve_allocation(table, 3.2)
+    first[:] = -1  # the caller's copy, not the remembered solution
+    again, again_cost = solve_allocation(table, 3.2)
+    assert len(solves) == 1 and again_cost == cost and (again >= 0).all()
+    m2_gains_most = CostTable(layout, space, np.array([[9.0, 1.0], [8.0, 2.0], [20.0, 3.0]]), "none")
+    moved, _ = solve_allocation(m2_gains_most, 3.2)
+    assert len(solves) == 2 and again.tolist() == [1, 0, 0] and moved.tolist() == [0, 0, 1]
 
 
 def test_pareto_options_drops_dominated():

@@ -141,3 +141,15 @@ def test_searched_run_trains_its_first_epoch_exactly_like_its_frozen_twin(runs_i
     run_experiment(frozen), run_experiment(random)
     first = [json.loads((runs_in_tmp / s.key() / "history.json").read_text())[0]["loss"] for s in (frozen, random)]
     assert first[0] == first[1]
+
+
+def test_evaluation_batches_are_length_sorted_and_cover_the_dev_split():
+    run = spec("qlora").resolved()
+    task, tokenizer, _, _, _, dev = experiments._setup(run)
+    lengths = [int(n) for batch in dev for n in batch["attention_mask"].sum(dim=1)]
+    assert lengths == sorted(lengths) and len(set(lengths)) > 1
+    expected = experiments.tokenize_classification(task.dev.shuffle(seed=0).select(range(TINY.n_dev)), tokenizer,
+                                                   TINY.max_length)
+    assert sorted(len(ids) for ids in expected["input_ids"]) == lengths
+    labels = [int(x) for batch in dev for x in batch["labels"]]
+    assert sorted(labels) == sorted(expected["labels"])

@@ -38,6 +38,8 @@ COST_TABLE_VERSION = 1
 COST_TABLE_EXACT = 2**24
 COST_TABLE_SAMPLE = 2**22
 SAMPLE_CHUNK = 64  # a multiple of every block size, so a sampled chunk is whole blocks at any size
+# ILP solutions of this process: (table digest, budget) -> (choice, cost); see solve_allocation.
+_SOLVED: dict[tuple[str, float], tuple[np.ndarray, float]] = {}
 
 
 @dataclass
@@ -183,9 +185,6 @@ def solve_allocation(table: CostTable, budget: float) -> tuple[np.ndarray, float
         _SOLVED[key] = _solve(table, budget)
     choice, cost = _SOLVED[key]
     return choice.copy(), cost
-
-
-_SOLVED: dict[tuple[str, float], tuple[np.ndarray, float]] = {}
 
 
 def _table_digest(table: CostTable) -> str:

@@ -160,7 +160,7 @@ def _batches(task, tokenizer, spec: RunSpec, split: str, shuffle: bool) -> DataL
         if n is not None:
             data = data.shuffle(seed=0).select(range(min(n, len(data))))
         tokenized = tokenize_classification(data, tokenizer, scale.max_length)
-        if not shuffle:  # evaluation: order is free, and length-sorted batches halve its time (less padding)
+        if split == "dev":  # evaluation order is free, and length-sorted batches halve its time (less padding)
             tokenized = tokenized.select(np.argsort([len(ids) for ids in tokenized["input_ids"]], kind="stable"))
         return DataLoader(tokenized, batch_size=scale.batch_size, shuffle=shuffle, generator=generator,
                           collate_fn=DataCollatorWithPadding(tokenizer))

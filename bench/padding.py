@@ -1,10 +1,10 @@
-"""How much of a default training step is spent on padding, and what would length-sorted micro-batches save?
+"""How much of a default training step is spent on padding, and what do length-sorted micro-batches save?
 
 A training batch of 32 RT sentences is padded to its longest sentence, so about half of its tokens are
-padding. Splitting each batch, sorted by length, into k micro-batches padded on their own, and summing their
-losses weighted by their share of the batch, gives the same loss and gradient (up to rounding; checked here
-with dropout off) for fewer tokens. With the backbone's dropout on, the random masks differ, so adopting it
-changes every training run's numbers (a new RUN_VERSION and a cold `make reproduce`).
+padding. `coalora.train.micro_batches` splits each batch, sorted by length, into k parts padded on their own;
+summing their losses weighted by their share of the batch gives the same loss and gradient (up to rounding;
+checked here with dropout off) for fewer tokens. Training uses k = `HyperParams.micro_batches` (2, since run
+version 2); with the backbone's dropout on, the random masks differ from the whole batch's.
 
 Times QLoRA training steps of the default preset (MiniLM-L6, batch 32, 2 torch threads) whole and split.
 Run: `.venv/bin/python bench/padding.py` on an otherwise idle 2-core machine (about 2 minutes).
@@ -13,34 +13,14 @@ Run: `.venv/bin/python bench/padding.py` on an otherwise idle 2-core machine (ab
 import time
 
 import torch
+from accelerate import Accelerator
 
 from coalora import lora
 from coalora.experiments import RunSpec, _setup, training_configurations
+from coalora.train import _backward
 
 STEPS = 12  # timed steps per layout, after one warm-up step
 SPLITS = (1, 2, 4)
-
-
-def micro_batches(batch: dict, k: int) -> list[tuple[float, dict]]:
-    """(share of the batch, micro-batch trimmed to its own longest sentence) for k length-sorted parts."""
-    lengths = batch["attention_mask"].sum(dim=1)
-    order = lengths.argsort(stable=True)
-    parts = []
-    for rows in order.tensor_split(k):
-        width = int(lengths[rows].max())
-        part = {name: (t[rows, :width] if t.dim() == 2 else t[rows]) for name, t in batch.items()}
-        parts.append((len(rows) / len(order), part))
-    return parts
-
-
-def step(model, batch: dict, k: int) -> float:
-    """Accumulate the gradient of the batch's mean loss over k micro-batches; returns the loss."""
-    total = 0.0
-    for share, part in micro_batches(batch, k):
-        loss = model(**part).loss * share
-        loss.backward()
-        total += loss.item()
-    return total
 
 
 def padding_share(batches) -> float:
@@ -53,6 +33,7 @@ def padding_share(batches) -> float:
 
 def main() -> None:
     torch.set_num_threads(2)
+    accelerator = Accelerator(cpu=True)
     spec = RunSpec(preset="default", task="sst2", method="qlora", seed=0).resolved()
     _, _, model, _, loader, _ = _setup(spec)
     lora.set_configuration(model, training_configurations(spec)[0])
@@ -64,7 +45,7 @@ def main() -> None:
     grads = {}
     for k in SPLITS:
         model.zero_grad(set_to_none=True)
-        step(model, batches[0], k)
+        _backward(model, accelerator, batches[0], k)
         grads[k] = torch.cat([p.grad.reshape(-1) for p in params])
     for k in SPLITS[1:]:
         rel = (grads[k] - grads[1]).norm() / grads[1].norm()
@@ -79,7 +60,7 @@ def main() -> None:
             if i == 1:
                 start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            step(model, batch, k)
+            _backward(model, accelerator, batch, k)
             optimizer.step()
         seconds = (time.perf_counter() - start) / STEPS
         base = base or seconds

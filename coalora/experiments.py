@@ -40,7 +40,8 @@ from coalora.train import PER_CONFIGURATION, HyperParams, Trained, check_method,
 logger = logging.getLogger(__name__)
 
 # Bump when training or evaluation changes in a way that changes numbers: old cached runs are ignored.
-RUN_VERSION = 1
+# Version 2 trains a padded classification batch as two length-sorted micro-batches (HyperParams.micro_batches).
+RUN_VERSION = 2
 # Bump when the configuration search changes numbers: only pareto/random runs are ignored. Version 2 draws
 # the search's scoring batches from a loader of their own, so a searched run's first epoch sees exactly the
 # data order of its frozen twin (version 1 advanced the training loader's shuffle generator).

@@ -10,7 +10,7 @@ from coalora import lora, models
 from coalora.configs import Configuration, LayerQuant, QuantSpace
 from coalora.metrics import evaluate
 from coalora.quant import fake_quantize
-from coalora.train import METHODS, HyperParams, train
+from coalora.train import METHODS, HyperParams, micro_batches, train
 
 NF = QuantSpace.nf()
 VOCAB = 32
@@ -31,10 +31,28 @@ def toy_batches(n_batches: int = 6, batch_size: int = 16, seed: int = 0) -> Data
                       collate_fn=lambda items: {k: torch.stack([i[k] for i in items]) for k in items[0]})
 
 
-def tiny_model(config_aware: bool):
+def padded_batches(n_batches: int = 2, batch_size: int = 10, seed: int = 0) -> DataLoader:
+    """The toy task with sentences of 3 to 12 tokens, padded (id 0) to each batch's longest."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for row in toy_batches(n_batches, batch_size, seed).dataset:
+        length = int(torch.randint(3, 13, (1,), generator=g))
+        ids = torch.zeros(12, dtype=torch.long)
+        ids[:length] = row["input_ids"][:length]
+        rows.append({"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": row["labels"]})
+
+    def collate(items):
+        batch = {k: torch.stack([i[k] for i in items]) for k in items[0]}
+        width = int(batch["attention_mask"].sum(dim=1).max())
+        return {k: (t[:, :width] if t.dim() == 2 else t) for k, t in batch.items()}
+    return DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=collate)
+
+
+def tiny_model(config_aware: bool, dropout: float = 0.1):
     torch.manual_seed(0)
     backbone = AutoModelForSequenceClassification.from_config(BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout))
     layout = models.matrix_layout(backbone, "tiny-bert")
     model = lora.build_lora_model(backbone, layout, NF, rank=4, config_aware=config_aware)
     return model, [Configuration.uniform(layout, lq) for lq in CONFIGS]
@@ -60,6 +78,47 @@ def test_each_method_lowers_the_loss(method):
     for c in configs:  # every trained configuration can be served and evaluated
         result = evaluate(trained.load_for(c), c, toy_batches(2, seed=1), "classification")
         assert 0.0 <= result["accuracy"] <= 1.0 and result["eval_seconds"] > 0
+
+
+def test_micro_batches_are_length_sorted_trimmed_and_cover_the_batch():
+    batch = next(iter(padded_batches(1, 10)))
+    lengths = batch["attention_mask"].sum(dim=1)
+    parts = micro_batches(batch, 3)
+    assert [share for share, _ in parts] == pytest.approx([0.4, 0.3, 0.3])
+    seen = []
+    for _, part in parts:
+        part_lengths = part["attention_mask"].sum(dim=1)
+        assert part["input_ids"].shape[1] == int(part_lengths.max())  # padded to its own longest
+        assert part["input_ids"].shape == part["attention_mask"].shape
+        seen += [(tuple(ids[:n].tolist()), int(label)) for ids, n, label in
+                 zip(part["input_ids"], part_lengths, part["labels"])]
+    whole = [(tuple(ids[:n].tolist()), int(label)) for ids, n, label in
+             zip(batch["input_ids"], lengths, batch["labels"])]
+    assert sorted(seen) == sorted(whole)
+    assert parts[0][1]["input_ids"].shape[1] < batch["input_ids"].shape[1]
+    assert [n for _, part in parts for n in part["attention_mask"].sum(dim=1).tolist()] == sorted(lengths.tolist())
+    unpadded = next(iter(toy_batches(1)))
+    lm = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["input_ids"]}
+    for whole_batch, k in ((batch, 1), (unpadded, 2), (lm, 2)):  # split off, no padding, per-token labels
+        assert micro_batches(whole_batch, k) == [(1.0, whole_batch)]
+
+
+def test_micro_batches_train_like_whole_batches_without_dropout():
+    states, forwards = {}, {}
+    for k in (1, 2):
+        model, configs = tiny_model(config_aware=True, dropout=0.0)
+        calls = []
+        model.peft_model.get_input_embeddings().register_forward_hook(lambda *_: calls.append(1))
+        hp = HyperParams(rank=4, lr=1e-2, epochs=2, micro_batches=k)
+        trained = train("coalora", model, configs, padded_batches(3), hp, seed=0)
+        states[k], forwards[k] = (trained.states["shared"], [h["loss"] for h in trained.history]), len(calls)
+    assert forwards[2] == 2 * forwards[1] == 2 * 2 * 3 * hp.configs_per_step  # epochs x batches x K
+    (state_1, loss_1), (state_2, loss_2) = states[1], states[2]
+    assert loss_2 == pytest.approx(loss_1, rel=1e-5)
+    for name, tensor in state_1.items():
+        torch.testing.assert_close(state_2[name], tensor, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="micro_batches must be >= 1, got 0"):
+        HyperParams(micro_batches=0)
 
 
 def test_per_configuration_adapters_differ_and_are_restored():

@@ -11,7 +11,8 @@ and configurations (method.md D, F):
     shared   one LoRA (+ head) trained with a random switch among the configurations at every step
 
 The loop runs through `accelerate`, so the same code runs on CPU here and multi-GPU under
-`accelerate launch`. Wall-clock seconds are recorded per trained adapter.
+`accelerate launch`. A padded classification batch runs as length-sorted micro-batches (same loss and
+gradient, fewer padding tokens). Wall-clock seconds are recorded per trained adapter.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 
 from coalora import lora
 from coalora.experiments import RunSpec, _setup, training_configurations
-from coalora.train import _backward
+from coalora.train import _backward, micro_batches
 
 STEPS = 12  # timed steps per layout, after one warm-up step
 SPLITS = (1, 2, 4)
@@ -45,7 +45,7 @@ def main() -> None:
     grads = {}
     for k in SPLITS:
         model.zero_grad(set_to_none=True)
-        _backward(model, accelerator, batches[0], k)
+        _backward(model, accelerator, micro_batches(batches[0], k))
         grads[k] = torch.cat([p.grad.reshape(-1) for p in params])
     for k in SPLITS[1:]:
         rel = (grads[k] - grads[1]).norm() / grads[1].norm()
@@ -60,7 +60,7 @@ def main() -> None:
             if i == 1:
                 start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            _backward(model, accelerator, batch, k)
+            _backward(model, accelerator, micro_batches(batch, k))
             optimizer.step()
         seconds = (time.perf_counter() - start) / STEPS
         base = base or seconds

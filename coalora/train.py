@@ -124,10 +124,10 @@ def micro_batches(batch: dict, k: int) -> list[tuple[float, dict]]:
     return parts
 
 
-def _backward(model, accelerator: Accelerator, batch: dict, k: int) -> float:
-    """Accumulate the gradient of the batch's mean loss over its micro-batches; returns that loss."""
+def _backward(model, accelerator: Accelerator, parts: list[tuple[float, dict]]) -> float:
+    """Accumulate the gradient of a batch's mean loss over its `micro_batches`; returns that loss."""
     total = 0.0
-    for share, part in micro_batches(batch, k):
+    for share, part in parts:
         loss = model(**part).loss * share
         accelerator.backward(loss)
         total += loss.item()
@@ -148,11 +148,12 @@ def _run_epochs(model, batches: DataLoader, hp: HyperParams, pick: Callable[[], 
         total, count = 0.0, 0
         for batch in tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{hp.epochs}", leave=False):
             optimizer.zero_grad(set_to_none=True)
+            parts = micro_batches(batch, hp.micro_batches)  # once per batch, shared by its K configurations
             for configuration in pick():
                 inner = accelerator.unwrap_model(model)
                 if inner.configuration is not configuration:  # keeps LQ-LoRA's Q(W - BA) base
                     lora.set_configuration(inner, configuration)
-                total, count = total + _backward(model, accelerator, batch, hp.micro_batches), count + 1
+                total, count = total + _backward(model, accelerator, parts), count + 1
             accelerator.clip_grad_norm_(params, hp.clip)
             optimizer.step()
         history.append({"epoch": epoch, "loss": total / max(count, 1)})

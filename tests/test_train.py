@@ -108,7 +108,7 @@ def test_micro_batches_train_like_whole_batches_without_dropout():
     for k in (1, 2):
         model, configs = tiny_model(config_aware=True, dropout=0.0)
         calls = []
-        model.peft_model.get_input_embeddings().register_forward_hook(lambda *_: calls.append(1))
+        model.peft_model.get_input_embeddings().register_forward_hook(lambda *_, calls=calls: calls.append(1))
         hp = HyperParams(rank=4, lr=1e-2, epochs=2, micro_batches=k)
         trained = train("coalora", model, configs, padded_batches(3), hp, seed=0)
         states[k], forwards[k] = (trained.states["shared"], [h["loss"] for h in trained.history]), len(calls)

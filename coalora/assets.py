@@ -491,8 +491,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         present = is_present(asset.name)
         size = _size(home() / asset.name) if present else "-"
         state = "present" if present else "missing"
-        kind = "large" if asset.large else "default"
-        print(f"{asset.name:20} {state:8} {size:>9}  {kind:7}  {asset.origin}")
+        group = "large" if asset.large else "default"
+        print(f"{asset.name:20} {state:8} {size:>9}  {group:7}  {asset.origin}")
 
 
 if __name__ == "__main__":

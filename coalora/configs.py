@@ -36,7 +36,7 @@ def _check_choice(field: str, value, valid: Iterable) -> None:
 @dataclass(frozen=True)
 class LayerQuant:
     """How one weight matrix is quantized: code (NF-k or INT-k), scale bits b0, second-level scale
-    dtype b1, block size B0 and group size B1 (method.md A.1-A.2)."""
+    dtype b1, block size B0 and group size B1 (docs/method.md#configuration-space)."""
 
     kind: str = "nf"
     bits: int = 4
@@ -97,7 +97,7 @@ class QuantSpace:
 
     @classmethod
     def nf(cls) -> QuantSpace:
-        """The paper's NF space (method.md A.2): 4 x 4 x 3 x 3 x 3 = 432 options per matrix."""
+        """The paper's NF space (docs/method.md#configuration-space): 4 x 4 x 3 x 3 x 3 = 432 options per matrix."""
         return cls(name="nf", kind="nf")
 
     @classmethod
@@ -302,3 +302,8 @@ class Configuration:
         if not isinstance(data["layers"], dict):
             raise ValueError("configuration JSON 'layers' must map matrix names to layer quantizations")
         return cls(layout, {name: LayerQuant.from_dict(d) for name, d in data["layers"].items()})
+
+
+def unique(configurations: Iterable[Configuration]) -> list[Configuration]:
+    """The configurations without repeats (equal digests), in order of first appearance."""
+    return list({c.digest(): c for c in configurations}.values())

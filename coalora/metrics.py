@@ -14,21 +14,21 @@ from tqdm.auto import tqdm
 
 from coalora import lora
 from coalora.configs import Configuration
+from coalora.presets import check_task_type
 
 TASK_METRICS = {"classification": "accuracy", "causal-lm": "perplexity"}
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, configuration: Configuration, batches: Iterable[Mapping[str, torch.Tensor]],
-             kind: str) -> dict[str, float]:
+             task_type: str) -> dict[str, float]:
     """Accuracy (classification) or perplexity (causal LM) of `model` under `configuration`.
 
     Batches carry `labels` (class ids, or the input ids for a causal LM). Perplexity is
     exp(mean token loss) over all batches, weighting each batch by its number of predicted tokens.
     Returns {metric: value, "loss": mean loss, "eval_seconds": wall-clock seconds}.
     """
-    if kind not in TASK_METRICS:
-        raise ValueError(f"unknown task kind {kind!r}; valid kinds: {', '.join(TASK_METRICS)}")
+    check_task_type(task_type)
     start = time.perf_counter()
     if model.configuration != configuration:  # keep weights a caller set up for it (LQ-LoRA)
         lora.set_configuration(model, configuration)
@@ -37,7 +37,7 @@ def evaluate(model: torch.nn.Module, configuration: Configuration, batches: Iter
     loss_sum, weight, correct, seen = 0.0, 0, 0, 0
     for batch in tqdm(batches, desc=f"eval {configuration.avg_bits:.2f} bits", leave=False):
         out = model(**batch)
-        if kind == "classification":
+        if task_type == "classification":
             n = batch["labels"].numel()
             correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
             seen += n
@@ -50,8 +50,8 @@ def evaluate(model: torch.nn.Module, configuration: Configuration, batches: Iter
     if weight == 0:
         raise ValueError("evaluation got no batches")
     loss = loss_sum / weight
-    value = correct / seen if kind == "classification" else math.exp(loss)
-    return {TASK_METRICS[kind]: value, "loss": loss, "eval_seconds": time.perf_counter() - start}
+    value = correct / seen if task_type == "classification" else math.exp(loss)
+    return {TASK_METRICS[task_type]: value, "loss": loss, "eval_seconds": time.perf_counter() - start}
 
 
 def hypervolume(bits: Iterable[float], values: Iterable[float], bits_range: tuple[float, float],

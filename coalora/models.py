@@ -3,7 +3,7 @@
 A registry of the backbones each preset runs (offline stand-ins and the paper's hub models), one
 loader for them, and the per-family rule for which linear layers are quantized and carry LoRA:
 the attention and MLP projections inside the transformer blocks, never embeddings, pooler,
-classification head or lm_head (method.md A.2). `matrix_layout` turns that rule into the ordered
+classification head or lm_head (docs/method.md#configuration-space). `matrix_layout` turns that rule into the ordered
 `configs.Layout` a quantization configuration is written against.
 """
 
@@ -21,11 +21,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from coalora.configs import Layout, MatrixSpec
-from coalora.presets import check_preset
+from coalora.presets import TASK_TYPES, check_task_type
 
 log = logging.getLogger(__name__)
-
-TASK_KINDS = ("classification", "causal-lm")
 
 
 @dataclass(frozen=True)
@@ -36,12 +34,13 @@ class BackboneSpec:
     `dtype` is the default load precision: float32 for the small models, bfloat16 from ~1B
     parameters up: half the memory, the precision Qwen2.5 is published in and the Qwen2.5-Coder
     asset is stored in, and on a CPU with AVX512-BF16 about 4x faster than float32 at the same
-    perplexity (offline-assets.md 2.1). Pass `dtype=torch.float32` to `load_backbone` to override.
+    perplexity (docs/measurements.md#offline-models). `load_backbone(..., dtype=torch.float32)`
+    overrides it.
     """
 
     name: str
     family: str
-    kind: str  # "encoder" or "causal"
+    architecture: str  # "encoder" or "decoder"
     source: str
     offline: bool
     label: str
@@ -49,9 +48,9 @@ class BackboneSpec:
     stands_in_for: str | None = None
 
     @property
-    def task_kinds(self) -> tuple[str, ...]:
-        """Encoders only classify; causal LMs also get a (newly initialised) classification head."""
-        return ("classification",) if self.kind == "encoder" else TASK_KINDS
+    def task_types(self) -> tuple[str, ...]:
+        """Encoders only classify; decoders also get a (newly initialised) classification head."""
+        return ("classification",) if self.architecture == "encoder" else TASK_TYPES
 
 
 BACKBONES = {spec.name: spec for spec in (
@@ -61,35 +60,23 @@ BACKBONES = {spec.name: spec for spec in (
     BackboneSpec("mpnet-base", "mpnet", "encoder", "mpnet-base", True,
                  "all-mpnet-base-v2 (MPNet, 109.5M; offline, stands in for RoBERTa-Large)",
                  stands_in_for="roberta-large"),
-    BackboneSpec("smollm2-135m", "llama", "causal", "smollm2-135m", True,
+    BackboneSpec("smollm2-135m", "llama", "decoder", "smollm2-135m", True,
                  "SmolLM2-135M-Instruct (Llama, 134.5M; dequantized Q4_1 GGUF; offline, "
                  "stands in for Qwen2.5-1.5B)",
                  stands_in_for="qwen2.5-1.5b"),
-    BackboneSpec("qwen2.5-coder-1.5b", "qwen2", "causal", "qwen2.5-coder-1.5b", True,
+    BackboneSpec("qwen2.5-coder-1.5b", "qwen2", "decoder", "qwen2.5-coder-1.5b", True,
                  "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 1.78B; dequantized Q4_K_M GGUF, bf16; offline, "
                  "stands in for Qwen2.5-1.5B)",
                  dtype=torch.bfloat16, stands_in_for="qwen2.5-1.5b"),
     BackboneSpec("roberta-large", "roberta", "encoder", "FacebookAI/roberta-large", False,
                  "RoBERTa-Large (355M; model hub)"),
-    BackboneSpec("qwen2.5-1.5b", "qwen2", "causal", "Qwen/Qwen2.5-1.5B", False,
+    BackboneSpec("qwen2.5-1.5b", "qwen2", "decoder", "Qwen/Qwen2.5-1.5B", False,
                  "Qwen2.5-1.5B (bf16; model hub)", dtype=torch.bfloat16),
-    BackboneSpec("qwen2.5-3b", "qwen2", "causal", "Qwen/Qwen2.5-3B", False,
+    BackboneSpec("qwen2.5-3b", "qwen2", "decoder", "Qwen/Qwen2.5-3B", False,
                  "Qwen2.5-3B (bf16; model hub)", dtype=torch.bfloat16),
-    BackboneSpec("llama-2-7b", "llama", "causal", "meta-llama/Llama-2-7b-hf", False,
+    BackboneSpec("llama-2-7b", "llama", "decoder", "meta-llama/Llama-2-7b-hf", False,
                  "LLaMA-2-7B (bf16; model hub, gated)", dtype=torch.bfloat16),
 )}
-
-_DEFAULTS = {  # preset -> (classification backbone, causal-LM backbone)
-    "smoke": ("minilm-l6", "smollm2-135m"),
-    "default": ("minilm-l6", "smollm2-135m"),
-    "large": ("mpnet-base", "qwen2.5-coder-1.5b"),
-    "paper": ("roberta-large", "qwen2.5-1.5b"),
-}
-
-
-def _check_task_kind(task_kind: str) -> None:
-    if task_kind not in TASK_KINDS:
-        raise ValueError(f"unknown task kind {task_kind!r}; valid task kinds: {', '.join(TASK_KINDS)}")
 
 
 def backbone_spec(name: str) -> BackboneSpec:
@@ -97,12 +84,6 @@ def backbone_spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(BACKBONES)}")
     return BACKBONES[name]
-
-
-def default_backbone(preset: str, kind: str) -> str:
-    """The backbone a preset uses for `kind` ("classification" or "causal-lm")."""
-    _check_task_kind(kind)
-    return _DEFAULTS[check_preset(preset)][TASK_KINDS.index(kind)]
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -113,9 +94,9 @@ def _hub_offline() -> bool:
                for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def load_backbone(name: str, task_kind: str = "classification", num_labels: int = 2,
+def load_backbone(name: str, task_type: str = "classification", num_labels: int = 2,
                   dtype: torch.dtype | str | None = None):
-    """Load backbone `name` for `task_kind` and return `(model, tokenizer)`, in eval mode, on CPU.
+    """Load backbone `name` for `task_type` and return `(model, tokenizer)`, in eval mode, on CPU.
 
     Classification uses AutoModelForSequenceClassification with `num_labels`: its head is newly
     (randomly) initialised - that is what fine-tuning trains - so seed before calling. Causal LMs
@@ -126,11 +107,11 @@ def load_backbone(name: str, task_kind: str = "classification", num_labels: int 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     spec = backbone_spec(name)
-    _check_task_kind(task_kind)
-    if task_kind not in spec.task_kinds:
-        raise ValueError(f"backbone {name!r} ({spec.kind}) cannot be loaded for {task_kind!r}; "
-                         f"valid task kinds for it: {', '.join(spec.task_kinds)}")
-    if task_kind == "classification":
+    check_task_type(task_type)
+    if task_type not in spec.task_types:
+        raise ValueError(f"backbone {name!r} ({spec.architecture}) cannot be loaded for {task_type!r}; "
+                         f"valid task types for it: {', '.join(spec.task_types)}")
+    if task_type == "classification":
         auto, model_kwargs = AutoModelForSequenceClassification, {"num_labels": num_labels}
     else:
         auto, model_kwargs = AutoModelForCausalLM, {}
@@ -155,12 +136,12 @@ def load_backbone(name: str, task_kind: str = "classification", num_labels: int 
                 f"loaded from it{' or its cache, HF_HUB_OFFLINE is set' if hub_kwargs else ''}: {err}\n"
                 f"Backbones that run offline: {', '.join(offline)}") from err
 
-    if spec.kind == "causal":
+    if spec.architecture == "decoder":
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
-    log.info("loaded %s for %s (%s) in %.1f s", spec.label, task_kind, model.dtype, time.perf_counter() - start)
+    log.info("loaded %s for %s (%s) in %.1f s", spec.label, task_type, model.dtype, time.perf_counter() - start)
     return model, tokenizer
 
 
@@ -168,7 +149,7 @@ def load_backbone(name: str, task_kind: str = "classification", num_labels: int 
 
 # Per family: module path inside a transformer block -> module type. The two `output.dense` of
 # BERT/RoBERTa (attention output and FFN output) are distinct types here; the official code
-# conflated them (method.md B.1).
+# conflated them (docs/method.md#the-configuration-aware-model).
 _BERT_BLOCK = {"attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
                "attention.output.dense": "attention.output", "intermediate.dense": "intermediate",
                "output.dense": "output"}

@@ -1,7 +1,11 @@
-"""The figures' one style and their panels, drawn from the tidy frames of `coalora.studies`.
+"""The figures' one style and their panels, drawn with seaborn from the tidy frames of `coalora.studies`.
 
-Every panel takes a matplotlib Axes and a tidy frame; `save_figure` writes PNG + PDF with fixed
-metadata (no creation date), so re-rendering the same numbers does not change the files.
+Every panel takes a matplotlib Axes and a tidy frame (one row per method, seed and configuration, or
+a summary of them) and lets seaborn do the grouping: one line per method in its colour and marker
+from `coalora.methods.METHODS`, the mean over seeds with a band of one standard deviation where
+there is more than one seed. `save_figure` writes PNG + PDF with fixed metadata (no creation date),
+so re-rendering the same numbers does not change the files. The matplotlib backend is left to the
+environment: inline in Jupyter, Agg on a machine without a display.
 """
 
 from __future__ import annotations
@@ -9,28 +13,26 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg", force=False)  # headless by default; a notebook's inline backend still wins
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import pandas as pd  # noqa: E402
+from coalora.methods import METHODS
 
-from coalora.studies import METHOD_LABELS, METHOD_ORDER  # noqa: E402
-
-COLORS = {"qlora": "#4C72B0", "lqlora": "#DD8452", "shared": "#55A868", "coalora": "#C44E52"}
-MARKERS = {"qlora": "s", "lqlora": "D", "shared": "^", "coalora": "o"}
 STYLE = {
     "figure.dpi": 100, "savefig.dpi": 200, "savefig.bbox": "tight",
     "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
+    "xtick.labelsize": 8, "ytick.labelsize": 8,
     "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
     "pdf.fonttype": 42, "ps.fonttype": 42, "svg.hashsalt": "coalora",
 }
+BITS_LABEL = "average bits per weight"
 
 
 def use_style() -> None:
-    """Apply the project style to every later figure."""
-    plt.rcParams.update(STYLE)
+    """Apply the project style (seaborn's "ticks" theme with the rc above) to every later figure."""
+    sns.set_theme(context="paper", style="ticks", rc=STYLE)
 
 
 def save_figure(fig, folder: str | Path, name: str) -> list[Path]:
@@ -51,70 +53,78 @@ def caption(title: str, rows: pd.DataFrame, width: int = 150) -> str:
     return textwrap.fill(f"{title}: {backbones} on {sources}", width)
 
 
-def _methods(frame: pd.DataFrame) -> list[str]:
-    return [m for m in METHOD_ORDER if m in set(frame["method"].astype(str))]
+def _labelled(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """`frame` with its method keys replaced by their labels, and seaborn's per-method styling:
+    hue order (METHODS order, present methods only), palette and markers keyed by label."""
+    present = [m for m in METHODS if m in set(frame["method"].astype(str))]
+    labels = [METHODS[m].label for m in present]
+    styling = {"hue": "method", "style": "method", "hue_order": labels, "style_order": labels,
+               "palette": {METHODS[m].label: METHODS[m].color for m in present},
+               "markers": {METHODS[m].label: METHODS[m].marker for m in present}, "dashes": False}
+    return frame.assign(method=frame["method"].astype(str).map(lambda m: METHODS[m].label)), styling
 
 
-def plot_by_budget(ax, summary: pd.DataFrame, ylabel: str, scale: float = 100.0) -> None:
-    """Score vs average bits per method: the mean over seeds, with a band of one std when there is
-    more than one seed (`summary` from `studies.by_budget`)."""
-    for method in _methods(summary):
-        s = summary[summary["method"].astype(str) == method].sort_values("avg_bits")
-        ax.plot(s["avg_bits"], s["mean"] * scale, marker=MARKERS[method], color=COLORS[method],
-                label=METHOD_LABELS[method], lw=1.5, ms=5)
-        if (s["n_seeds"] > 1).any():
-            ax.fill_between(s["avg_bits"], (s["mean"] - s["std"]) * scale, (s["mean"] + s["std"]) * scale,
-                            color=COLORS[method], alpha=0.15, lw=0)
-    ax.set_xlabel("average bits per weight")
+def plot_by_budget(ax, rows: pd.DataFrame, ylabel: str, scale: float = 100.0, x: str = "avg_bits",
+                   legend: bool = True) -> None:
+    """Score vs average bits per method at the target configurations: the mean over seeds, with a
+    band of one std where a method has several seeds (`rows`: tidy run rows, e.g. `studies.collect`)."""
+    target = rows[rows["configuration_set"] == "target"]
+    data, styling = _labelled(target.assign(value=target["value"] * scale))
+    sns.lineplot(data=data, x=x, y="value", errorbar="sd", legend="auto" if legend else False, ax=ax, **styling)
+    ax.set_xlabel(BITS_LABEL if x == "avg_bits" else "target budget (bits)")
     ax.set_ylabel(ylabel)
 
 
 def plot_seen_unseen(ax, points: pd.DataFrame, scale: float = 100.0) -> None:
     """CoA-LoRA's score per configuration, filled for configurations it trained on, hollow for ones
     it never saw (`points` from `studies.seen_vs_unseen`)."""
-    for seen, style in ((True, {"facecolors": COLORS["coalora"]}), (False, {"facecolors": "none"})):
+    color = METHODS["coalora"].color
+    for seen, fill in ((True, color), (False, "none")):
         p = points[points["seen"] == seen]
-        ax.scatter(p["avg_bits"], p["value"] * scale, s=22, edgecolors=COLORS["coalora"], linewidths=1,
-                   label=f"{'seen' if seen else 'unseen'} configurations ({len(p)})", **style)
-    ax.set_xlabel("average bits per weight")
-
-
-def plot_gap(ax, gap: pd.DataFrame, reference: str = "qlora", method: str = "shared") -> None:
-    """Figure 1 (left): accuracy of one adapter per configuration vs one shared adapter, and the gap."""
-    for m in (reference, method):
-        ax.plot(gap["budget"], gap[m] * 100, marker=MARKERS[m], color=COLORS[m], label=METHOD_LABELS[m])
-    ax.fill_between(gap["budget"], gap[method] * 100, gap[reference] * 100, color="grey", alpha=0.15,
-                    label="gap")
-    ax.set_xlabel("average bits per weight")
+        sns.scatterplot(x=p["avg_bits"], y=p["value"] * scale, s=22, facecolors=fill, edgecolors=color,
+                        linewidths=1, ax=ax, label=f"{'seen' if seen else 'unseen'} configurations ({len(p)})")
+    ax.set_xlabel(BITS_LABEL)
     ax.set_ylabel("accuracy (%)")
 
 
+def plot_gap(ax, rows: pd.DataFrame, reference: str = "qlora", method: str = "shared") -> None:
+    """Figure 1 (left): accuracy of one adapter per configuration (`reference`) and of one shared
+    adapter (`method`) at each target budget, mean over seeds with a std band, and the gap between."""
+    pair = rows[rows["method"].isin([reference, method])]
+    plot_by_budget(ax, pair, "accuracy (%)", x="budget")
+    means = (pair[pair["configuration_set"] == "target"].groupby(["budget", "method"])["value"].mean()
+             .unstack("method") * 100)
+    ax.fill_between(means.index, means[method], means[reference], color="grey", alpha=0.15, lw=0, label="gap")
+
+
 def plot_cumulative_time(ax, times: pd.DataFrame) -> None:
-    """Figure 1 (right): fine-tuning seconds needed to serve n configurations."""
-    for method in _methods(times):
-        t = times[times["method"].astype(str) == method]
-        ax.plot(t["n_configurations"], t["seconds"] / 60, marker=MARKERS[method], color=COLORS[method],
-                label=METHOD_LABELS[method], ms=4)
+    """Figure 1 (right): fine-tuning minutes needed to serve n configurations (`studies.fine_tuning_time`)."""
+    data, styling = _labelled(times.assign(minutes=times["seconds"] / 60))
+    sns.lineplot(data=data, x="n_configurations", y="minutes", errorbar=None, markersize=4, ax=ax, **styling)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("number of quantization configurations served")
     ax.set_ylabel("cumulative fine-tuning time (min)")
 
 
 def plot_search_rounds(ax, rounds: pd.DataFrame) -> None:
-    """Figure 2 (data): each epoch's scored pool (average bits vs loss), coloured by epoch, with the
-    configurations the segmented Pareto filter kept joined as that epoch's front."""
+    """Figure 2 (data): each epoch's scored pool (average bits vs loss) and proposals, coloured by
+    epoch, with the configurations the segmented Pareto filter kept joined as that epoch's front."""
     epochs = sorted(rounds["epoch"].unique())
-    cmap = plt.get_cmap("viridis", max(len(epochs), 2))
-    for i, epoch in enumerate(epochs):
-        r = rounds[rounds["epoch"] == epoch]
-        pool, kept = r[r["role"] == "pool"], r[r["role"] == "kept"].sort_values("avg_bits")
-        proposals = r[r["role"] == "proposal"]
-        ax.scatter(pool["avg_bits"], pool["loss"], s=14, color=cmap(i), alpha=0.5)
-        ax.scatter(proposals["avg_bits"], proposals["loss"], s=18, marker="x", color=cmap(i))
-        ax.plot(kept["avg_bits"], kept["loss"], color=cmap(i), lw=1.2, label=f"epoch {epoch}: kept {len(kept)}")
-    ax.scatter([], [], s=14, color="grey", alpha=0.5, label="scored pool")
-    ax.scatter([], [], s=18, marker="x", color="grey", label="proposals")
-    ax.set_xlabel("average bits per weight")
+    palette = dict(zip(epochs, sns.color_palette("viridis", max(len(epochs), 2))))
+    scored = rounds[rounds["role"] != "kept"].assign(
+        role=rounds["role"].map({"pool": "scored pool", "proposal": "proposals"}))
+    sns.scatterplot(data=scored, x="avg_bits", y="loss", hue="epoch", palette=palette, style="role",
+                    markers={"scored pool": "o", "proposals": "X"}, style_order=["scored pool", "proposals"],
+                    s=18, alpha=0.6, legend=False, ax=ax)
+    kept = rounds[rounds["role"] == "kept"].sort_values(["epoch", "avg_bits"], kind="stable")
+    fronts = {e: f"epoch {e}: kept {n}" for e, n in kept.groupby("epoch").size().items()}
+    sns.lineplot(data=kept.assign(front=kept["epoch"].map(fronts)), x="avg_bits", y="loss", hue="front",
+                 hue_order=list(fronts.values()), palette={fronts[e]: palette[e] for e in fronts}, sort=False,
+                 estimator=None, lw=1.2, ax=ax)
+    for role, marker in (("scored pool", "o"), ("proposals", "X")):  # legend keys for the point styles
+        ax.scatter([], [], s=18, marker=marker, color="grey", label=role)
+    ax.legend()
+    ax.set_xlabel(BITS_LABEL)
     ax.set_ylabel("task loss on held-out training batches")
 
 

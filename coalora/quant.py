@@ -1,4 +1,4 @@
-"""Block-wise NF-k / INT-k fake quantization with double-quantized scales (method.md A.1, A.5).
+"""Block-wise NF-k / INT-k fake quantization with double-quantized scales (docs/method.md#quantizer).
 
 Stateless functions in the HQQ manner: every function takes a weight tensor and a per-matrix
 quantization description `q` (anything with the fields kind, bits, scale_bits, scale_dtype,
@@ -40,7 +40,7 @@ class QuantParams(Protocol):
 
 
 def storage_bits(q: QuantParams) -> float:
-    """Bits per weight: b + b0/B0 + bits(b1)/(B0*B1) (method.md A.3; the per-tensor offset is ignored)."""
+    """Bits per weight: b + b0/B0 + bits(b1)/(B0*B1) (docs/method.md#storage-bits; the per-tensor offset is ignored)."""
     return q.bits + q.scale_bits / q.block_size + SCALE_DTYPE_BITS[q.scale_dtype] / (q.block_size * q.group_size)
 
 

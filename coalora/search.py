@@ -1,7 +1,7 @@
-"""Pareto-guided configuration search (method.md E.1, E.4): after every CoA-LoRA epoch, re-score
-the training pool with the current model, fit a GP to configuration -> loss, propose new
-configurations by one-step coordinate moves that raise the log expected hypervolume improvement,
-then keep the per-bit-segment Pareto fronts (the segmented Pareto filter).
+"""Pareto-guided configuration search (docs/method.md#configuration-search): after every CoA-LoRA
+epoch, re-score the training pool with the current model, fit a GP to configuration -> loss,
+propose new configurations by one-step coordinate moves that raise the log expected hypervolume
+improvement, then keep the per-bit-segment Pareto fronts (the segmented Pareto filter).
 
 Objectives, both minimised: the task loss of the current model on a fixed held-out set of training
 batches, and the average bits, computed exactly from the configuration (never modelled). BoTorch
@@ -9,51 +9,34 @@ maximises, so the acquisition sees (-bits, -loss).
 
 Choices, and why:
 
-* Encoding: x = index / (n_choices - 1) per coordinate, d = 5 N, over the FULL choice range. The
-  official code normalised by the pool's observed min/max, which moves with the pool and gives NaN
-  for a coordinate that never varies (method.md E.3).
+* Encoding: x = index / (n_choices - 1) per coordinate, d = 5 N, over the FULL choice range.
+  Normalising by the pool's observed min/max moves with the pool and gives NaN for a coordinate
+  that never varies.
 * Surrogate: a `SingleTaskGP` for -loss on x, outcomes standardised (`Standardize`), noise floor
   1e-4 (botorch's default constraint), hyper-parameters by `fit_gpytorch_mll`. Bits enter as a
   `GenericDeterministicModel` in a `ModelList`, so the acquisition sees both objectives and bits
-  stay exact. Kernel (`KERNELS`), chosen by held-out prediction: per data set 80 configurations
-  (16 ILP allocations over 2.25-7.25 bits, 32 random +-1 walks from them, 32 random), 3 random
-  splits of 44 train / 36 test; RMSE in training-outcome standard deviations / Spearman rho, mean
-  over splits (`python bench/search.py --kernels`, 1 CPU thread, measured 2026-11-28):
-
-      data (d)                              rbf           matern        categorical
-      synthetic, 10 matrices (50)           0.24 / 0.98   0.29 / 0.97   0.56 / 0.86
-      synthetic, MiniLM layout (180)        0.28 / 0.95   0.28 / 0.94   0.90 / 0.62
-      MiniLM-L6 quantization error (180)    0.22 / 0.92   0.35 / 0.88   0.63 / 0.77
-      MiniLM-L6 embedding distortion (180)  0.25 / 0.92   0.35 / 0.89   0.54 / 0.80
-      mean fit seconds at d = 180           0.3           0.6-1.6       3-18
-
-  The last two are real: log total quantization error of the real MiniLM-L6 weights (its cost
-  table) and log relative MSE of its sentence embeddings on 64 real sentences, quantized vs full
-  precision. "rbf" (botorch's default: ARD RBF with the dimension-scaled log-normal lengthscale
-  prior of Hvarfner et al. 2024) is best or tied everywhere and the fastest to fit: the default.
-  "matern" is ScaleKernel(ARD Matern-5/2) with the same prior; "categorical" is
-  `MixedSingleTaskGP` with every dimension categorical (a Hamming-distance kernel), which throws
-  away that the choices are ordered.
+  stay exact. Kernel (`KERNELS`): "rbf" (botorch's default ARD RBF with the dimension-scaled
+  log-normal lengthscale prior) predicted held-out losses best or tied on synthetic and real
+  MiniLM-L6 data and fits fastest (docs/measurements.md#gp-kernel); "matern" is
+  ScaleKernel(ARD Matern-5/2) with the same prior; "categorical" is `MixedSingleTaskGP` with every
+  dimension categorical (a Hamming-distance kernel), which ignores that the choices are ordered.
 * GP data: every configuration ever scored, with its most recent loss. The pool is re-scored with
   the current model each epoch; a configuration the filter dropped keeps the loss of the epoch it
-  was last scored in (simple; the stale losses are from a less-trained model, so slightly high).
+  was last scored in (its loss is from a less-trained model, so slightly high).
 * Acquisition: `qLogExpectedHypervolumeImprovement`, q = 1, the front = the pool's current
   (-bits, -loss). Reference point: per objective, the pool's worst value minus 10 % of the pool's
-  range (minus 10 % of |worst|, at least 1e-4, when the range is zero, e.g. a one-point pool); never
-  (0, 0), which made every point worse than the reference in the official code. Only the loss is
-  random (a 1-D Gaussian), so 16 Sobol QMC samples suffice: on 8 neighbour sets at d = 720 they
-  picked the same best neighbour as 512 samples every time (Spearman 0.997 over all neighbours), at
-  0.07 s per call vs 0.11 s with 32. The samples are shared by all candidates, so neighbours are
-  compared on the same draws.
+  range (minus 10 % of |worst|, at least 1e-4, when the range is zero, e.g. a one-point pool); a
+  reference at (0, 0) would make every point worse than the reference. Only the loss is random (a
+  1-D Gaussian), so 16 Sobol QMC samples suffice (`MC_SAMPLES`). The samples are shared by all
+  candidates, so neighbours are compared on the same draws.
 * Proposals: from S random pool members, up to T moves of one choice step (+-1 index on one
   coordinate); each move evaluates ALL feasible neighbours (<= 2d) in one batched acquisition call
   and takes the best if it beats the current point, else the walk stops. End points that moved are
   the proposals, deduplicated against each other and the pool. This is the paper's "largest finite
-  difference coordinate, unit step" restricted to feasible moves (the official one-sided rule
-  stepped out of range and never moved, method.md E.3).
+  difference coordinate, unit step" restricted to feasible moves.
 * Speed: gpytorch's batched posterior for b candidates of q = 1 stacks the n training inputs onto
-  every candidate ([b, n + 1, d], 0.4 GB at b = 1440, n = 50, d = 720: 1.1 s of a 1.6 s call);
-  `_PointwiseGP` returns the same marginals (equal to 1e-16) from one flat [b, d] call.
+  every candidate ([b, n + 1, d], 0.4 GB at b = 1440, n = 50, d = 720); `_PointwiseGP` returns the
+  same marginals (equal to 1e-16) from one flat [b, d] call.
 * Modes (`SEARCH_MODES`): "pareto" as above; "random" adds S random configurations per epoch, then
   the same filter (the paper's random-extension ablation); "frozen" keeps the pool unchanged (it is
   still scored, for the record).
@@ -65,6 +48,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -89,16 +73,19 @@ from linear_operator.operators import DiagLinearOperator
 from tqdm.auto import tqdm
 
 from coalora import lora
-from coalora.configs import FIELDS, Configuration, Layout, QuantSpace
+from coalora.configs import FIELDS, Configuration, Layout, QuantSpace, unique
 
 logger = logging.getLogger(__name__)
 
 SEARCH_MODES = ("pareto", "frozen", "random")
 KERNELS = ("rbf", "matern", "categorical")
-DEFAULT_KERNEL = "rbf"  # see the module docstring for the comparison
-MC_SAMPLES = 16  # see the module docstring
-REF_MARGIN = 0.1  # reference point = worst - 10 % of the range, per objective
-CHUNK = 2048  # candidates per posterior call (bounds memory; 2d <= 1440 for RoBERTa-Large)
+# Best or tied held-out prediction on every data set tried, and the fastest fit (docs/measurements.md#gp-kernel).
+DEFAULT_KERNEL = "rbf"
+# Only the loss is random, a 1-D Gaussian: 16 Sobol samples picked the same best neighbour as 512 on 8
+# neighbour sets at d = 720 (Spearman 0.997 over all neighbours), at 0.07 s per call against 0.11 s with 32.
+MC_SAMPLES = 16
+REF_MARGIN = 0.1  # reference point = worst - 10 % of the range, per objective: every pool point adds volume
+CHUNK = 2048  # candidates per posterior call: bounds memory, and 2d <= 1440 even for RoBERTa-Large
 
 # scorer(model, configurations, batches) -> one mean loss per configuration
 Scorer = Callable[[torch.nn.Module, Sequence[Configuration], Sequence[Mapping[str, torch.Tensor]]], list[float]]
@@ -114,6 +101,28 @@ def check_kernel(kernel: str) -> str:
     if kernel not in KERNELS:
         raise ValueError(f"unknown GP kernel {kernel!r}; valid kernels: {', '.join(KERNELS)}")
     return kernel
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How CoA-LoRA's training set is refined after each epoch; shared by `RunSpec` and the search."""
+
+    mode: str = "frozen"  # "pareto", "frozen" or "random" (SEARCH_MODES)
+    starts: int = 5  # S random starting points per round, as in the paper's code
+    steps: int = 10  # T moves at most per walk: the low end of the 10-20 that docs/method.md suggests
+    # U bit segments of the filter: the paper's 40 assumes pools of 50+; with 12-20 configurations
+    # 10 segments keep one or two per segment, so the set stays spread over the bit range.
+    segments: int = 10
+    batches: int = 4  # held-out training batches the loss objective is scored on: 128 sentences by default
+    kernel: str = DEFAULT_KERNEL
+
+    def __post_init__(self):
+        check_mode(self.mode)
+        check_kernel(self.kernel)
+        for name, least in (("starts", 1), ("steps", 0), ("segments", 1), ("batches", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"search {name} must be an int >= {least}, got {value!r}")
 
 
 # ---- objectives ----------------------------------------------------------------------------------
@@ -323,12 +332,11 @@ def segmented_pareto_filter(bits: Sequence[float], losses: Sequence[float], segm
 
 # ---- the hook ------------------------------------------------------------------------------------
 
-def _unique(configurations: Iterable[Configuration]) -> list[Configuration]:
-    return list({c.digest(): c for c in configurations}.values())
-
-
 class ConfigurationSearch:
-    """The per-epoch search of CoA-LoRA's training set, callable as a `coalora.train.SearchHook`.
+    """The per-epoch search of CoA-LoRA's training set, run as `coalora.training.train(..., refine=search)`.
+
+    `config` says how (mode, S, T, U, kernel); `score_batches` are the held-out training batches the
+    loss objective is measured on; `scorer` replaces the model-based scoring (tests use a synthetic loss).
 
     `rounds` holds one dict per call: {"epoch", "mode", "pool", "proposals", "kept", "moves",
     "gp_points", "seconds"}, where pool (as received, re-scored), proposals and kept (the next pool)
@@ -337,26 +345,23 @@ class ConfigurationSearch:
     `configurations` maps every digest ever seen to its Configuration.
     """
 
-    def __init__(self, mode: str, space: QuantSpace, layout: Layout, score_batches: Sequence[Mapping],
-                 starts: int = 5, steps: int = 10, segments: int = 10, seed: int = 0,
-                 kernel: str = DEFAULT_KERNEL, scorer: Scorer = score_configurations):
-        self.mode, self.kernel = check_mode(mode), check_kernel(kernel)
-        for name, value, least in (("starts", starts, 1), ("steps", steps, 0), ("segments", segments, 1)):
-            if not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-        if not isinstance(seed, int) or seed < 0:
+    def __init__(self, config: SearchConfig, space: QuantSpace, layout: Layout, score_batches: Sequence[Mapping],
+                 seed: int = 0, scorer: Scorer = score_configurations):
+        if not isinstance(config, SearchConfig):
+            raise ValueError(f"expected a coalora.search.SearchConfig, got {config!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.score_batches = list(score_batches)
         if not self.score_batches:
             raise ValueError("the configuration search needs at least one held-out batch to score with")
-        self.space, self.layout, self.encoder = space, layout, Encoder(space, layout)
-        self.starts, self.steps, self.segments, self.seed, self.scorer = starts, steps, segments, seed, scorer
+        self.config, self.space, self.layout, self.encoder = config, space, layout, Encoder(space, layout)
+        self.seed, self.scorer = seed, scorer
         self.rounds: list[dict] = []
         self.configurations: dict[str, Configuration] = {}
         self.losses: dict[str, float] = {}  # GP data: digest -> most recent loss
 
     def __call__(self, epoch: int, model: torch.nn.Module, pool: list[Configuration]) -> list[Configuration]:
-        pool = _unique(pool)
+        pool = unique(pool)
         if not pool:
             raise ValueError("the configuration search got an empty pool")
         # Own RNG stream: searching does not change the training run's random numbers.
@@ -369,10 +374,10 @@ class ConfigurationSearch:
         pool_losses = self._score(model, pool)
         seconds["score"] = time.perf_counter() - start
         proposals, moves, gp_points = [], [], 0
-        if self.mode == "pareto":
+        if self.config.mode == "pareto":
             gp_points = len(self.losses)  # every configuration scored so far, this pool included
             proposals, moves = self._pareto_proposals(epoch, pool, pool_losses, seconds)
-        elif self.mode == "random":
+        elif self.config.mode == "random":
             proposals = self._random_proposals(epoch, pool)
         tick = time.perf_counter()
         proposal_losses = self._score(model, proposals) if proposals else []
@@ -380,14 +385,14 @@ class ConfigurationSearch:
         candidates = pool + proposals
         losses = pool_losses + proposal_losses
         bits = [c.avg_bits for c in candidates]
-        kept = (list(range(len(pool))) if self.mode == "frozen"
-                else segmented_pareto_filter(bits, losses, self.segments))
+        kept = (list(range(len(pool))) if self.config.mode == "frozen"
+                else segmented_pareto_filter(bits, losses, self.config.segments))
         seconds["total"] = time.perf_counter() - start
         rows = [(c.digest(), b, loss) for c, b, loss in zip(candidates, bits, losses)]
         self.rounds.append({
-            "epoch": epoch, "mode": self.mode, "pool": rows[:len(pool)], "proposals": rows[len(pool):],
+            "epoch": epoch, "mode": self.config.mode, "pool": rows[:len(pool)], "proposals": rows[len(pool):],
             "kept": [rows[i] for i in kept], "moves": moves, "gp_points": gp_points, "seconds": seconds})
-        logger.info("search epoch %d (%s): pool %d + %d proposals -> %d kept (%.1f s)", epoch, self.mode,
+        logger.info("search epoch %d (%s): pool %d + %d proposals -> %d kept (%.1f s)", epoch, self.config.mode,
                     len(pool), len(proposals), len(kept), seconds["total"])
         return [candidates[i] for i in kept]
 
@@ -404,17 +409,17 @@ class ConfigurationSearch:
         tick = time.perf_counter()
         known = list(self.losses)
         x = self.encoder.normalise(self.encoder.indices([self.configurations[k] for k in known]))  # [n, d]
-        gp = fit_loss_gp(x, torch.tensor([self.losses[k] for k in known]), self.kernel)
+        gp = fit_loss_gp(x, torch.tensor([self.losses[k] for k in known]), self.config.kernel)
         seconds["fit"] = time.perf_counter() - tick
         tick = time.perf_counter()
         acq = log_ehvi(gp, self.encoder, [c.avg_bits for c in pool], pool_losses, seed=self.seed * 100_003 + epoch)
         rng = np.random.default_rng([self.seed, epoch])
-        starts = rng.choice(len(pool), size=min(self.starts, len(pool)), replace=False)
+        starts = rng.choice(len(pool), size=min(self.config.starts, len(pool)), replace=False)
         start_index = self.encoder.indices([pool[i] for i in starts])  # [S, d]
         seen = {c.digest() for c in pool}
         proposals, moves = [], []
         for index in tqdm(start_index, desc=f"search epoch {epoch}", leave=False):
-            end, value, n_moves = coordinate_ascent(acq, self.encoder, index, self.steps)
+            end, value, n_moves = coordinate_ascent(acq, self.encoder, index, self.config.steps)
             configuration = self.encoder.configurations(end[None])[0]
             logger.debug("start %s: %d moves, log-EHVI %.3f", configuration.digest(), n_moves, value)
             if n_moves and configuration.digest() not in seen:
@@ -426,8 +431,8 @@ class ConfigurationSearch:
 
     def _random_proposals(self, epoch: int, pool) -> list[Configuration]:
         seen, proposals = {c.digest() for c in pool}, []
-        for i in range(100 * self.starts):
-            if len(proposals) == self.starts:
+        for i in range(100 * self.config.starts):
+            if len(proposals) == self.config.starts:
                 break
             seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0])
             configuration = Configuration.random(self.layout, self.space, seed)
@@ -443,13 +448,3 @@ class ConfigurationSearch:
                  "avg_bits": bits, "loss": loss}
                 for r in self.rounds for role, key in (("pool", "pool"), ("proposal", "proposals"), ("kept", "kept"))
                 for cid, bits, loss in r[key]]
-
-
-def make_search_hook(mode: str, space: QuantSpace, layout: Layout, score_batches: Sequence[Mapping],
-                     starts: int = 5, steps: int = 10, segments: int = 10, seed: int = 0,
-                     kernel: str = DEFAULT_KERNEL, scorer: Scorer = score_configurations) -> ConfigurationSearch:
-    """The search hook for `coalora.train.train(..., search=hook)`: S = `starts`, T = `steps`,
-    U = `segments` (the paper used 40 with bigger pools). `score_batches` are the fixed held-out
-    training batches the loss objective is measured on; `scorer` replaces the model-based scoring
-    (tests use a synthetic loss)."""
-    return ConfigurationSearch(mode, space, layout, score_batches, starts, steps, segments, seed, kernel, scorer)

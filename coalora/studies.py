@@ -20,14 +20,11 @@ import pandas as pd
 
 from coalora import experiments
 from coalora.experiments import RunSpec, run_dir, run_experiment
-from coalora.presets import check_preset
+from coalora.methods import METHODS
+from coalora.presets import preset as get_preset
 from coalora.repro import atomic_path, package_versions, write_json_atomic
-from coalora.train import METHODS
 
-METHOD_ORDER = ("qlora", "lqlora", "shared", "coalora")
-METHOD_LABELS = {"qlora": "QLoRA", "lqlora": "LQ-LoRA", "shared": "Shared-LoRA", "coalora": "CoA-LoRA"}
 TASK_LABELS = {"sst2": "SST-2", "qnli": "QNLI", "mnli": "MNLI", "c4": "C4"}
-assert set(METHOD_ORDER) == set(METHODS)
 
 # The poster's Table 1 (integer mixed precision, RoBERTa-Large on GLUE): accuracy per task, in the
 # order the poster prints them in each cell (QNLI / MNLI / SST-2).
@@ -59,10 +56,10 @@ def paper_table1(task: str | None = None) -> pd.DataFrame:
 
 # ---- runs ----------------------------------------------------------------------------------------
 
-def study_specs(preset: str, task: str, space: str = "nf", methods: Iterable[str] = METHOD_ORDER,
+def study_specs(preset: str, task: str, quantizer: str = "nf", methods: Iterable[str] = tuple(METHODS),
                 seeds: Iterable[int] = (0,), **fields) -> list[RunSpec]:
     """One RunSpec per (method, seed); `fields` (e.g. search="pareto") go to every spec."""
-    return [RunSpec(preset=preset, task=task, method=m, space=space, seed=int(s), **fields)
+    return [RunSpec(preset=preset, task=task, method=m, quantizer=quantizer, seed=int(s), **fields)
             for m in methods for s in seeds]
 
 
@@ -83,8 +80,8 @@ def search_history(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
 
 def by_budget(rows: pd.DataFrame) -> pd.DataFrame:
     """Target-configuration scores per (method, budget): mean, std and count over seeds, and the
-    configurations' mean average bits. Methods in METHOD_ORDER."""
-    target = rows[rows["kind"] == "target"]
+    configurations' mean average bits. Methods in the order of `coalora.methods.METHODS`."""
+    target = rows[rows["configuration_set"] == "target"]
     out = (target.groupby(["method", "budget"], sort=False)
            .agg(mean=("value", "mean"), std=("value", "std"), n_seeds=("seed", "nunique"),
                 avg_bits=("avg_bits", "mean"))
@@ -96,12 +93,12 @@ def by_budget(rows: pd.DataFrame) -> pd.DataFrame:
 def seen_vs_unseen(specs: Sequence[RunSpec], recompute: bool = False) -> pd.DataFrame:
     """CoA-LoRA's per-configuration scores on the configurations it trained on ("seen", from
     `experiments.seen_rows`) and on every evaluated one it never saw: method, seed,
-    configuration_id, kind, avg_bits, value, seen. Uses the CoA-LoRA specs among `specs`."""
+    configuration_id, configuration_set, avg_bits, value, seen. Uses the CoA-LoRA specs among `specs`."""
     coalora = [s for s in specs if s.method == "coalora"]
     if not coalora:
         raise ValueError("seen vs unseen needs CoA-LoRA runs; no spec has method='coalora'")
     frames = [pd.concat([run_experiment(s), experiments.seen_rows(s, recompute)]) for s in coalora]
-    cols = ["method", "seed", "configuration_id", "kind", "avg_bits", "value", "seen"]
+    cols = ["method", "seed", "configuration_id", "configuration_set", "avg_bits", "value", "seen"]
     return pd.concat(frames)[cols].sort_values(["seed", "avg_bits"]).reset_index(drop=True)
 
 
@@ -121,11 +118,11 @@ def fine_tuning_time(rows: pd.DataFrame, n_configurations: Sequence[int]) -> pd.
     """Figure 1 (right): cumulative fine-tuning seconds to serve n configurations. Per-configuration
     methods (QLoRA, LQ-LoRA) pay their measured mean seconds per configuration n times; Shared-LoRA
     and CoA-LoRA train once, so their cost is their measured training time for any n."""
-    target = rows[rows["kind"] == "target"]
+    target = rows[rows["configuration_set"] == "target"]
     per_seed = target.groupby(["method", "seed"]).apply(_training_seconds, include_groups=False)
     rows_out = []
     for method, seconds in per_seed.groupby(level="method"):
-        once = method in ("shared", "coalora")
+        once = METHODS[method].trains_once
         for n in n_configurations:
             rows_out.append({"method": method, "n_configurations": int(n),
                              "seconds": float(seconds.mean()) * (1 if once else n),
@@ -152,19 +149,23 @@ def hypervolumes(rows: pd.DataFrame, bits_range: tuple[float, float], by: Sequen
     return pd.DataFrame(out)
 
 
-def wide_table(summary: pd.DataFrame, decimals: int = 2, scale: float = 100.0) -> pd.DataFrame:
-    """Table 1 layout: one row per budget, one column per method, "mean ± std" cells."""
-    cells = summary.assign(cell=[
-        f"{m * scale:.{decimals}f}" + (f" ± {s * scale:.{decimals}f}" if n > 1 else "")
-        for m, s, n in zip(summary["mean"], summary["std"], summary["n_seeds"])])
-    wide = cells.pivot(index="budget", columns="method", values="cell")
-    wide = wide[[m for m in METHOD_ORDER if m in wide.columns]].rename(columns=METHOD_LABELS)
+def wide_table(frame: pd.DataFrame, value: str = "mean", decimals: int = 2, scale: float = 100.0) -> pd.DataFrame:
+    """Table 1 layout: one row per budget, one column per method (labelled, in METHODS order).
+    Cells are `value` x `scale`, with "± std" where the frame has a std over more than one seed
+    (a `by_budget` summary), so the paper's single numbers (`paper_table1`) lay out the same way."""
+    spread = {"std", "n_seeds"} <= set(frame.columns)
+    cells = [f"{row[value] * scale:.{decimals}f}"
+             + (f" ± {row['std'] * scale:.{decimals}f}" if spread and row["n_seeds"] > 1 else "")
+             for _, row in frame.iterrows()]
+    wide = frame.assign(cell=cells).pivot(index="budget", columns="method", values="cell")
+    wide = wide[[m for m in METHODS if m in wide.columns]].rename(columns={m: METHODS[m].label for m in METHODS})
     wide.index.name = "avg bits"
+    wide.columns.name = None
     return wide
 
 
 def _in_method_order(frame: pd.DataFrame) -> pd.DataFrame:
-    present = [m for m in METHOD_ORDER if m in set(frame["method"])]
+    present = [m for m in METHODS if m in set(frame["method"].astype(str))]
     return frame.assign(method=pd.Categorical(frame["method"], categories=present, ordered=True))
 
 
@@ -174,9 +175,8 @@ def output_dirs(preset: str, root: str | Path | None = None) -> tuple[Path, Path
     """(figures, results) folders: `figures/` and `results/` under `root` (default: the project
     root, found from the working directory) for the default preset, `figures/<preset>/` and
     `results/<preset>/` for the others, so a smoke or large run never overwrites the committed files."""
-    check_preset(preset)
+    sub = get_preset(preset).output_subfolder
     root = Path(root) if root is not None else project_root()
-    sub = () if preset == "default" else (preset,)
     figures, results = root.joinpath("figures", *sub), root.joinpath("results", *sub)
     figures.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
@@ -213,8 +213,8 @@ def _run_record(spec: RunSpec) -> dict:
     folder = run_dir(spec)
     run = json.loads((folder / "provenance.json").read_text())
     keep = ("created_utc", "git", "device")
-    return {"key": folder.name, "method": spec.method, "task": spec.task, "space": spec.space,
-            "seed": spec.seed, "search": spec.search, "backbone": spec.backbone,
+    return {"key": folder.name, "method": spec.method, "task": spec.task, "quantizer": spec.quantizer,
+            "seed": spec.seed, "search": spec.search.mode, "backbone": spec.backbone,
             **{k: run[k] for k in keep if k in run}}
 
 

@@ -51,7 +51,7 @@ gap.round(4)
 
 # %%
 fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2), layout="constrained")
-plots.plot_gap(left, gap)
+plots.plot_gap(left, rows)
 left.set_title("one adapter per configuration vs one shared")
 left.legend()
 plots.plot_cumulative_time(right, times)

@@ -28,7 +28,7 @@
 # %% tags=["parameters"]
 preset = "default"   # smoke | default | large | paper
 task = "sst2"
-space = "nf"
+quantizer = "nf"     # nf | int
 seed = 0
 recompute = False
 output_root = None   # None: the project root (figures/ and results/)
@@ -39,11 +39,11 @@ import matplotlib.pyplot as plt
 from coalora import plots, studies
 
 plots.use_style()
-(spec,) = studies.study_specs(preset, task, space, methods=["coalora"], seeds=[seed], search="pareto")
+(spec,) = studies.study_specs(preset, task, quantizer, methods=["coalora"], seeds=[seed], search="pareto")
 rows = studies.collect([spec], recompute)
 rounds = studies.search_history(spec)
 figures, results = studies.output_dirs(preset, output_root)
-parameters = dict(preset=preset, task=task, space=space, seed=seed, search="pareto")
+parameters = dict(preset=preset, task=task, quantizer=quantizer, seed=seed, search="pareto")
 studies.write_results(rounds, results / "fig2_search_rounds.csv", parameters, [spec])
 rounds.groupby(["epoch", "role"]).size().unstack("role")
 
@@ -54,7 +54,7 @@ loop.set_title("the loop")
 plots.plot_search_rounds(data, rounds)
 data.set_title("training configuration set across search rounds")
 data.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-fig.suptitle(plots.caption(f"Figure 2 ({preset} preset, seed {seed}, {space.upper()} space)", rows, 120),
+fig.suptitle(plots.caption(f"Figure 2 ({preset} preset, seed {seed}, {quantizer.upper()} space)", rows, 120),
              fontsize=8)
 plots.save_figure(fig, figures, "fig2_workflow")
 

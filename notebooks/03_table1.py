@@ -35,13 +35,14 @@ import pandas as pd
 
 from coalora import studies
 from coalora.data import load_task
+from coalora.methods import METHODS
 
 load_task(task, preset)  # fails here, with the preset that has it, if the task has no source offline
 specs = studies.study_specs(preset, task, "int", seeds=seeds)
 rows = studies.collect(specs, recompute)
 summary = studies.by_budget(rows)
 figures, results = studies.output_dirs(preset, output_root)
-parameters = dict(preset=preset, task=task, seeds=seeds, space="int")
+parameters = dict(preset=preset, task=task, seeds=seeds, quantizer="int")
 studies.write_results(summary, results / f"table1_{task}.csv", parameters, specs)
 ours = studies.wide_table(summary)
 print(f"Table 1, ours ({preset} preset, seeds {seeds}); accuracy %, mean ± std over seeds")
@@ -50,18 +51,15 @@ ours
 
 # %%
 paper = studies.paper_table1(task)
-paper_wide = paper.pivot(index="budget", columns="method", values="value").mul(100).round(2)
-paper_wide = paper_wide[list(studies.METHOD_ORDER)].rename(columns=studies.METHOD_LABELS)
-paper_wide.index.name = "avg bits"
 print(f"Table 1, the paper's published numbers (RoBERTa-Large on GLUE {studies.TASK_LABELS[task]}); accuracy %")
-paper_wide
+studies.wide_table(paper, value="value")
 
 # %%
 best_ours = summary.loc[summary.groupby("budget", observed=True)["mean"].idxmax(), ["budget", "method"]]
 best_paper = paper.loc[paper.groupby("budget")["value"].idxmax(), ["budget", "method"]]
 comparison = pd.DataFrame({"avg bits": best_ours["budget"].to_numpy(),
-                           "best here": best_ours["method"].astype(str).map(studies.METHOD_LABELS).to_numpy(),
-                           "best in the paper": best_paper["method"].map(studies.METHOD_LABELS).to_numpy()})
+                           "best here": [METHODS[m].label for m in best_ours["method"].astype(str)],
+                           "best in the paper": [METHODS[m].label for m in best_paper["method"]]})
 comparison
 
 # %% [markdown]

@@ -58,12 +58,10 @@ hv.groupby(["quantizer", "method"], observed=True)["hypervolume"].agg(["mean", "
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(11, 3.3), sharey=True, layout="constrained")
 for ax, space in zip(axes, spaces):
-    plots.plot_by_budget(ax, summary[summary["quantizer"] == space], "accuracy (%)")
+    plots.plot_by_budget(ax, rows[space], "accuracy (%)", legend=space == "nf")
     ax.set_title(f"{'NF' if space == 'nf' else 'integer'} mixed precision")
-axes[0].legend()
 plots.plot_seen_unseen(axes[2], points)
 axes[2].set_title("CoA-LoRA (NF): seen vs unseen")
-axes[2].legend()
 fig.suptitle(plots.caption(f"Figure 3 ({preset} preset, seeds {seeds})", rows["nf"], 150), fontsize=8)
 plots.save_figure(fig, figures, "fig3_bitwidth")
 

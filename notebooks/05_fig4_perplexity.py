@@ -34,6 +34,7 @@ import matplotlib.pyplot as plt
 
 from coalora import plots, studies
 from coalora.configs import QuantSpace
+from coalora.methods import METHODS
 
 plots.use_style()
 fields = {} if backbone is None else {"backbone": backbone}
@@ -49,8 +50,7 @@ summary.round(3)
 
 # %%
 fig, ax = plt.subplots(figsize=(4.6, 3.3), layout="constrained")
-plots.plot_by_budget(ax, summary, "perplexity (lower is better)", scale=1.0)
-ax.legend()
+plots.plot_by_budget(ax, rows, "perplexity (lower is better)", scale=1.0)
 ax.set_yscale("log")  # low-bit configurations of a 135M model are orders of magnitude worse
 ax.set_title(plots.caption(f"Figure 4 ({preset} preset, seeds {seeds})", rows, 75), fontsize=7)
 plots.save_figure(fig, figures, "fig4_perplexity")
@@ -58,7 +58,7 @@ plots.save_figure(fig, figures, "fig4_perplexity")
 # %%
 wide = summary.pivot(index="budget", columns="method", values="mean").round(2)
 print("perplexity by budget:\n", wide.to_string())
-print("best per budget:", wide.idxmin(axis=1).map(studies.METHOD_LABELS).to_dict())
+print("best per budget:", {budget: METHODS[m].label for budget, m in wide.idxmin(axis=1).items()})
 
 # %% [markdown]
 # **Reading.** In the paper (its Figure 6; Qwen2.5-1.5B/3B, LLaMA-2-7B on C4) CoA-LoRA is consistently better

@@ -36,7 +36,7 @@ def minilm_tokenizer():
 
 
 def test_sst2_offline_is_the_labelled_rt_stand_in(sst2):
-    assert sst2.kind == "classification" and sst2.num_labels == 2 and sst2.preset == "default"
+    assert sst2.task_type == "classification" and sst2.num_labels == 2 and sst2.preset == "default"
     assert sst2.stand_in and "stand-in for GLUE SST-2" in sst2.source and "Hutto & Gilbert" in sst2.source
     assert len(sst2.train) + len(sst2.dev) == 10_375
     assert len(sst2.dev) == 872
@@ -101,7 +101,7 @@ def test_paper_preset_without_hub_says_so(tmp_path):
 
 
 def test_c4_offline_is_untagged_real_text(c4):
-    assert c4.kind == "causal-lm" and c4.num_labels is None
+    assert c4.task_type == "causal-lm" and c4.num_labels is None
     assert c4.stand_in and "stand-in for C4" in c4.source
     assert c4.train.column_names == c4.dev.column_names == ["text"]
     assert len(c4.train) == 20_000 and len(c4.dev) == 1_001

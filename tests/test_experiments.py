@@ -5,18 +5,20 @@ import pandas as pd
 import pytest
 
 from coalora import experiments
-from coalora.experiments import RunSpec, Scale, run_experiment
-from coalora.train import HyperParams
+from coalora.experiments import RunSpec, run_experiment
+from coalora.presets import RunSize
+from coalora.search import SearchConfig
+from coalora.training import HyperParams
 
-TINY = Scale(n_train=16, n_dev=16, batch_size=8, max_length=16, epochs=1, pool_size=3, n_random_unseen=1)
+TINY = RunSize(n_train=16, n_dev=16, batch_size=8, max_length=16, epochs=1, pool_size=3, n_random_unseen=1)
 COLUMNS = ["method", "search", "backbone", "backbone_label", "task", "task_source", "stand_in", "preset", "quantizer",
-           "configuration_id", "kind", "budget", "avg_bits", "seen", "seed", "metric", "value", "loss",
+           "configuration_id", "configuration_set", "budget", "avg_bits", "seen", "seed", "metric", "value", "loss",
            "train_seconds", "eval_seconds"]
 
 
 def spec(method: str = "coalora", **kwargs) -> RunSpec:
     return RunSpec(preset="smoke", task="sst2", method=method, eval_budgets=(3.0,), unseen_budgets=(3.5,),
-                   scale=TINY, hp=HyperParams(epochs=1), **kwargs)
+                   size=TINY, hp=HyperParams(epochs=1), **kwargs)
 
 
 @pytest.fixture
@@ -30,12 +32,12 @@ def test_run_writes_tidy_rows_and_caches(method, runs_in_tmp, monkeypatch):
     rows = run_experiment(spec(method))
     assert list(rows.columns) == COLUMNS
     assert not rows[["value", "avg_bits", "train_seconds", "eval_seconds"]].isna().any().any()
-    assert set(rows["kind"]) == ({"target", "unseen"} if method == "coalora" else {"target"})
+    assert set(rows["configuration_set"]) == ({"target", "unseen"} if method == "coalora" else {"target"})
     assert rows["task_source"].str.contains("stand-in for GLUE SST-2").all()
     assert rows["backbone_label"].str.contains("stands in for RoBERTa-Large").all()
     assert ((rows["value"] >= 0) & (rows["value"] <= 1)).all() and (rows["metric"] == "accuracy").all()
     if method == "coalora":
-        assert not rows.loc[rows["kind"] == "unseen", "seen"].any()
+        assert not rows.loc[rows["configuration_set"] == "unseen", "seen"].any()
     folder = runs_in_tmp / spec(method).key()
     assert {p.name for p in folder.iterdir()} == {"rows.csv", "adapters.safetensors", "history.json",
                                                   "provenance.json", "search.csv"}
@@ -84,7 +86,10 @@ def test_interrupted_write_leaves_no_partial_folder(runs_in_tmp, monkeypatch):
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"method": "lora"}, "unknown method 'lora'"),
     ({"preset": "tiny"}, "unknown preset 'tiny'"),
-    ({"space": "fp4"}, "unknown quantization space 'fp4'"),
+    ({"quantizer": "fp4"}, "unknown quantization space 'fp4'"),
+    ({"task": "imdb"}, "unknown task 'imdb'; valid tasks: sst2"),
+    ({"search": "greedy"}, "unknown search mode 'greedy'"),
+    ({"search": 3}, "search must be a SearchConfig or a search mode"),
 ])
 def test_bad_run_specs(kwargs, message):
     base = {"preset": "smoke", "task": "sst2", "method": "coalora"}
@@ -94,11 +99,11 @@ def test_bad_run_specs(kwargs, message):
 
 def test_task_without_offline_source_is_a_clear_error(runs_in_tmp):
     with pytest.raises(ValueError, match="only the 'paper' preset"):
-        run_experiment(RunSpec(preset="smoke", task="qnli", method="qlora", scale=TINY))
+        run_experiment(RunSpec(preset="smoke", task="qnli", method="qlora", size=TINY))
 
 
 def test_pareto_search_run_records_its_rounds(runs_in_tmp):
-    pareto = spec("coalora", search="pareto", search_starts=2, search_steps=2, search_segments=2, search_batches=1)
+    pareto = spec("coalora", search=SearchConfig("pareto", starts=2, steps=2, segments=2, batches=1))
     rows = run_experiment(pareto)
     assert (rows["search"] == "pareto").all()
     rounds = experiments.search_rounds(pareto)
@@ -106,7 +111,8 @@ def test_pareto_search_run_records_its_rounds(runs_in_tmp):
     assert set(rounds["role"]) >= {"pool", "kept"} and (rounds["epoch"] == 0).all()
     assert rounds["loss"].notna().all()
     assert pareto.key() != spec("coalora").key()
-    assert spec("coalora").key() == spec("coalora", search_steps=99).key()  # frozen ignores search knobs
+    assert spec("coalora").key() == spec("coalora", search=SearchConfig(steps=99)).key()  # frozen ignores knobs
+    assert spec("coalora", search="pareto").search == SearchConfig("pareto")  # a mode is a SearchConfig
 
 
 def test_search_needs_coalora():
@@ -118,13 +124,13 @@ def test_seen_rows_reload_the_trained_adapter_and_score_its_training_set(runs_in
     """The pool's budgets (2.25, 4.75, 7.25 for 3 configurations) as evaluation budgets make the targets
     training configurations, so the reloaded adapter must reproduce the run's own scores exactly."""
     run = RunSpec(preset="smoke", task="sst2", method="coalora", eval_budgets=(4.75, 7.25), unseen_budgets=(3.5,),
-                  scale=TINY, hp=HyperParams(epochs=1))
+                  size=TINY, hp=HyperParams(epochs=1))
     rows = run_experiment(run)
-    assert rows.loc[rows["kind"] == "target", "seen"].all()
+    assert rows.loc[rows["configuration_set"] == "target", "seen"].all()
     seen = experiments.seen_rows(run)
-    assert (seen["kind"] == "seen").all() and seen["seen"].all()
+    assert (seen["configuration_set"] == "seen").all() and seen["seen"].all()
     assert len(seen) == len(experiments.training_configurations(run.resolved()))
-    both = rows[rows["kind"] == "target"].merge(seen, on="configuration_id", suffixes=("", "_reloaded"))
+    both = rows[rows["configuration_set"] == "target"].merge(seen, on="configuration_id", suffixes=("", "_reloaded"))
     assert len(both) == 2
     pd.testing.assert_series_equal(both["value"], both["value_reloaded"], check_names=False)
     assert (runs_in_tmp / run.key() / "seen.csv").exists()

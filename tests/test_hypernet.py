@@ -10,7 +10,7 @@ NF = QuantSpace.nf()
 
 
 def roberta_like_layout(blocks: int = 32, types=("query", "key", "value", "output.dense", "intermediate.dense")):
-    """The official code's table sizes: 32 positions, 5 module types (method.md C.1)."""
+    """The official code's table sizes: 32 positions, 5 module types (docs/method.md#the-configuration-aware-model)."""
     return Layout("roberta-like", tuple(MatrixSpec(f"layer.{b}.{t}", (64, 64), b, t)
                                         for b in range(blocks) for t in types))
 

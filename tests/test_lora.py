@@ -24,8 +24,8 @@ NF = QuantSpace.nf()
 VOCAB = 64
 LOW = LayerQuant(bits=2, scale_bits=4, scale_dtype="fp16", block_size=16, group_size=16)
 HIGH = LayerQuant(bits=8, scale_bits=8, scale_dtype="fp32", block_size=64, group_size=256)
-# (family, task type): PEFT-style case table; SEQ_CLS trains a head, CAUSAL_LM does not.
-CASES = [("bert", "SEQ_CLS"), ("llama", "CAUSAL_LM"), ("qwen2", "SEQ_CLS")]
+# (family, task type): PEFT-style case table; classification trains a head, causal-lm does not.
+CASES = [("bert", "classification"), ("llama", "causal-lm"), ("qwen2", "classification")]
 
 
 def tiny_backbone(family: str, task_type: str) -> nn.Module:
@@ -36,7 +36,7 @@ def tiny_backbone(family: str, task_type: str) -> nn.Module:
         config = BertConfig(**common)
     else:
         config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](num_key_value_heads=2, **common)
-    auto = AutoModelForCausalLM if task_type == "CAUSAL_LM" else AutoModelForSequenceClassification
+    auto = AutoModelForCausalLM if task_type == "causal-lm" else AutoModelForSequenceClassification
     return auto.from_config(config).eval()
 
 
@@ -113,7 +113,7 @@ def test_trainable_parameters(family, task_type, config_aware):
     expected += [p for head in model.heads.values() for p in head.parameters()]
     expected += list(model.theta.parameters()) if config_aware else []
     assert trainable == {id(p) for p in expected}
-    assert bool(model.heads) == (task_type == "SEQ_CLS")
+    assert bool(model.heads) == (task_type == "classification")
 
 
 # ---- forward ----------------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def test_forward_runs_on_quantized_weights_with_full_precision_bias(family, task
 
 
 def test_theta_runs_once_per_forward():
-    model, _ = build("llama", "CAUSAL_LM")
+    model, _ = build("llama", "causal-lm")
     calls = []
     model.theta.register_forward_hook(lambda module, args, out: calls.append(out.shape))
     lora.set_configuration(model, uniform(model, LOW))
@@ -175,7 +175,7 @@ def test_configurations_change_outputs(family, task_type):
 # ---- weight cache ----------------------------------------------------------------------------------
 
 def test_switching_back_does_not_requantize(count_quantizations):
-    model, _ = build("bert", "SEQ_CLS")
+    model, _ = build("bert", "classification")
     n = len(model.layout)
     lora.set_configuration(model, uniform(model, LOW))
     lora.set_configuration(model, uniform(model, HIGH))
@@ -187,10 +187,10 @@ def test_switching_back_does_not_requantize(count_quantizations):
 
 
 def test_cache_budget_smaller_than_one_configuration(count_quantizations):
-    reference, _ = build("bert", "SEQ_CLS")
+    reference, _ = build("bert", "classification")
     one_matrix = max(w.numel() * w.element_size() for w in reference.full_precision.values())
     for budget in (0, one_matrix):
-        model, _ = build("bert", "SEQ_CLS", cache_bytes=budget)
+        model, _ = build("bert", "classification", cache_bytes=budget)
         for m in (model, reference):
             perturb_(m)
         ids = tokens()
@@ -212,7 +212,7 @@ def test_gradients_reach_lora_head_and_theta_only(family, task_type, config_awar
     model.train()
     lora.set_configuration(model, Configuration.random(model.layout, NF, seed=0))
     ids = tokens()
-    labels = ids if task_type == "CAUSAL_LM" else torch.tensor([0, 1])
+    labels = ids if task_type == "causal-lm" else torch.tensor([0, 1])
     model(input_ids=ids, labels=labels).loss.backward()
     trainable = lora.trainable_parameters(model)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
@@ -226,7 +226,7 @@ def test_gradients_reach_lora_head_and_theta_only(family, task_type, config_awar
 def test_switching_before_backward_keeps_each_forwards_weights():
     """K=2 losses may be summed after both forwards: each graph keeps its own weights and M."""
     def grads(interleaved: bool):
-        model, _ = build("llama", "CAUSAL_LM")
+        model, _ = build("llama", "causal-lm")
         perturb_(model)
         ids = tokens()
         losses = []
@@ -295,7 +295,7 @@ def test_materialize_round_trip_minilm(tmp_path, count_quantizations):
 
 
 def test_materialize_plain_lora_is_its_own_adapter():
-    model, _ = build("bert", "SEQ_CLS", config_aware=False)
+    model, _ = build("bert", "classification", config_aware=False)
     perturb_(model)
     adapter = lora.materialize(model, uniform(model, LOW))
     for name, layer in model.lora_layers.items():
@@ -306,7 +306,7 @@ def test_materialize_plain_lora_is_its_own_adapter():
 # ---- helpers for the training engine -------------------------------------------------------------
 
 def test_deepcopy_is_an_independent_model():
-    model, _ = build("llama", "CAUSAL_LM")
+    model, _ = build("llama", "causal-lm")
     perturb_(model)
     lora.set_configuration(model, uniform(model, LOW))
     ids = tokens()
@@ -320,7 +320,7 @@ def test_deepcopy_is_an_independent_model():
 
 
 def test_adapter_state_round_trip():
-    model, _ = build("bert", "SEQ_CLS")
+    model, _ = build("bert", "classification")
     state = lora.adapter_state(model)
     perturb_(model)
     lora.load_adapter_state(model, state)
@@ -332,20 +332,20 @@ def test_adapter_state_round_trip():
 # ---- bad inputs --------------------------------------------------------------------------------------
 
 def test_bad_inputs():
-    model, _ = build("bert", "SEQ_CLS")
+    model, _ = build("bert", "classification")
     with pytest.raises(RuntimeError, match="no quantization configuration is set"):
         model(input_ids=tokens())
-    other, _ = build("llama", "CAUSAL_LM")
+    other, _ = build("llama", "causal-lm")
     foreign = uniform(other, LOW)
     for call in (lora.set_configuration, lora.materialize):
         with pytest.raises(ValueError, match="'tiny-llama'.*'tiny-bert'"):
             call(model, foreign)
     with pytest.raises(ValueError, match="'tiny-llama'"):
-        lora.quantize_weights_(tiny_backbone("bert", "SEQ_CLS"), foreign)
-    with pytest.raises(ValueError, match="unknown task_type 'TOKEN_CLS'; valid task types: SEQ_CLS, CAUSAL_LM"):
-        lora.build_lora_model(tiny_backbone("bert", "SEQ_CLS"), model.layout, NF, task_type="TOKEN_CLS")
+        lora.quantize_weights_(tiny_backbone("bert", "classification"), foreign)
+    with pytest.raises(ValueError, match="unknown task type 'TOKEN_CLS'; valid task types: classification, causal-lm"):
+        lora.build_lora_model(tiny_backbone("bert", "classification"), model.layout, NF, task_type="TOKEN_CLS")
     with pytest.raises(ValueError, match="does not match this model"):
-        lora.build_lora_model(tiny_backbone("qwen2", "CAUSAL_LM"), model.layout, NF)
+        lora.build_lora_model(tiny_backbone("qwen2", "causal-lm"), model.layout, NF)
     lora.set_configuration(model, uniform(model, LOW))
     with pytest.raises(NotImplementedError, match="materialize"):
         model.peft_model.merge_and_unload()
@@ -356,7 +356,8 @@ def test_bad_inputs():
 # ---- bitsandbytes ------------------------------------------------------------------------------------
 
 def test_disable_bnb_cpu_repacking_keeps_gradients():
-    """An eval()/no_grad forward must not turn later LoRA gradients to zero (offline-assets.md 1.2)."""
+    """An eval()/no_grad forward must not turn later LoRA gradients to zero
+    (docs/measurements.md#bitsandbytes-on-cpu)."""
     bnb = pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
 
@@ -394,7 +395,7 @@ def test_disable_bnb_cpu_repacking_keeps_gradients():
 
 def test_bnb_layers_are_rejected_for_fake_quantization():
     bnb = pytest.importorskip("bitsandbytes")
-    backbone = tiny_backbone("bert", "SEQ_CLS")
+    backbone = tiny_backbone("bert", "classification")
     layout = models.matrix_layout(backbone, "tiny-bert")
     query = backbone.bert.encoder.layer[0].attention.self
     query.query = bnb.nn.Linear4bit(32, 32, compute_dtype=torch.float32)

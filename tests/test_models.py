@@ -14,7 +14,6 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 from coalora import assets, models
 from coalora.configs import MatrixSpec
-from coalora.presets import PRESETS
 
 H, I, LAYERS = 32, 64, 2
 TYPES = {
@@ -61,24 +60,13 @@ def test_registry_names_and_labels():
     assert {n for n in models.BACKBONES if n not in offline} == {"roberta-large", "qwen2.5-1.5b", "qwen2.5-3b",
                                                                  "llama-2-7b"}
     for spec in models.BACKBONES.values():
-        assert spec.family in models.FAMILIES and spec.kind in ("encoder", "causal")
+        assert spec.family in models.FAMILIES and spec.architecture in ("encoder", "decoder")
         assert ("stands in for" in spec.label) == (spec.stands_in_for is not None) == spec.offline
         if spec.stands_in_for:
             assert not models.BACKBONES[spec.stands_in_for].offline
     assert "GGUF" in models.BACKBONES["smollm2-135m"].label
     assert models.BACKBONES["qwen2.5-coder-1.5b"].dtype == torch.bfloat16
     assert models.BACKBONES["minilm-l6"].dtype == torch.float32
-
-
-def test_default_backbone():
-    got = {p: (models.default_backbone(p, "classification"), models.default_backbone(p, "causal-lm"))
-           for p in PRESETS}
-    assert got == {"smoke": ("minilm-l6", "smollm2-135m"), "default": ("minilm-l6", "smollm2-135m"),
-                   "large": ("mpnet-base", "qwen2.5-coder-1.5b"), "paper": ("roberta-large", "qwen2.5-1.5b")}
-    with pytest.raises(ValueError, match="'huge'.*smoke, default, large, paper"):
-        models.default_backbone("huge", "classification")
-    with pytest.raises(ValueError, match="'regression'.*classification, causal-lm"):
-        models.default_backbone("smoke", "regression")
 
 
 # ---- layout on tiny models -----------------------------------------------------------------------
@@ -216,17 +204,17 @@ def test_smollm2_135m():
     assert "lm_head" in dict(model.named_modules()) and "lm_head" not in layout.names
 
 
-@pytest.mark.parametrize("name,task_kind,n_matrices", [("mpnet-base", "classification", 12 * 6),
+@pytest.mark.parametrize("name,task_type,n_matrices", [("mpnet-base", "classification", 12 * 6),
                                                         ("qwen2.5-coder-1.5b", "causal-lm", 28 * 7)])
-def test_large_backbones(name, task_kind, n_matrices):
+def test_large_backbones(name, task_type, n_matrices):
     if not assets.is_present(name):
         pytest.skip(f"large asset {name!r} not fetched (python -m coalora.assets fetch --large)")
-    model, _ = models.load_backbone(name, task_kind)
+    model, _ = models.load_backbone(name, task_type)
     assert model.dtype == models.BACKBONES[name].dtype
     assert len(models.matrix_layout(model, name)) == n_matrices
 
 
-# The paper's matrix counts (method.md A.2) and RoBERTa-Large / LLaMA-2-7B quantized numel (A.3),
+# The paper's matrix counts and RoBERTa-Large / LLaMA-2-7B quantized numel (docs/method.md#storage-bits),
 # from the published architectures on the meta device (no weights are created).
 PAPER_ARCHS = [
     ("roberta-large", RobertaConfig(vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,

@@ -7,7 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from matplotlib.colors import to_hex
+
 from coalora import plots, studies
+from coalora.methods import METHODS
 
 
 @pytest.fixture(autouse=True)
@@ -18,12 +21,12 @@ def project_style():
     plt.close("all")
 
 
-def rows(method: str, seed: int, values: dict, train_seconds=1.0, kind: str = "target") -> list[dict]:
+def rows(method: str, seed: int, values: dict, train_seconds=1.0, configuration_set: str = "target") -> list[dict]:
     return [{"method": method, "search": "frozen", "backbone": "minilm-l6", "backbone_label": "MiniLM-L6 (stand-in)",
              "task": "sst2", "task_source": "RT sentences (offline stand-in for GLUE SST-2)", "stand_in": True,
-             "preset": "smoke", "quantizer": "nf", "configuration_id": f"{method}-{kind}-{b}", "kind": kind,
-             "budget": None if kind == "seen" else b, "avg_bits": b + 0.02, "seen": False, "seed": seed,
-             "metric": "accuracy", "value": v, "loss": 1 - v,
+             "preset": "smoke", "quantizer": "nf", "configuration_id": f"{method}-{configuration_set}-{b}",
+             "configuration_set": configuration_set, "budget": None if configuration_set == "seen" else b,
+             "avg_bits": b + 0.02, "seen": False, "seed": seed, "metric": "accuracy", "value": v, "loss": 1 - v,
              "train_seconds": train_seconds[b] if isinstance(train_seconds, dict) else train_seconds,
              "eval_seconds": 0.1}
             for b, v in values.items()]
@@ -41,14 +44,24 @@ def legend_labels(ax) -> list[str]:
     return ax.get_legend_handles_labels()[1]
 
 
+def data_lines(ax) -> list:
+    """The lines that draw data (seaborn adds empty lines as legend keys)."""
+    return [line for line in ax.get_lines() if len(line.get_xdata())]
+
+
+def bands(ax) -> list:
+    """The filled bands that cover some area (seaborn adds an empty one for a single seed)."""
+    return [c for c in ax.collections if c.get_paths() and len(c.get_paths()[0].vertices)]
+
+
 # ---- files and captions ----------------------------------------------------------------------------
 
 def draw_sample(fig) -> None:
     ax = fig.add_subplot()
-    summary = studies.by_budget(tidy(rows("qlora", 0, {3.0: 0.7, 4.0: 0.8}, {3.0: 1.0, 4.0: 1.0}),
-                                     rows("qlora", 1, {3.0: 0.72, 4.0: 0.83}, {3.0: 1.0, 4.0: 1.0}),
-                                     rows("coalora", 0, {3.0: 0.75, 4.0: 0.85})))
-    plots.plot_by_budget(ax, summary, "accuracy (%)")
+    frame = tidy(rows("qlora", 0, {3.0: 0.7, 4.0: 0.8}, {3.0: 1.0, 4.0: 1.0}),
+                 rows("qlora", 1, {3.0: 0.72, 4.0: 0.83}, {3.0: 1.0, 4.0: 1.0}),
+                 rows("coalora", 0, {3.0: 0.75, 4.0: 0.85}))
+    plots.plot_by_budget(ax, frame, "accuracy (%)")
     ax.legend()
     ax.set_title("sample – α")
 
@@ -85,6 +98,16 @@ def test_use_style_sets_the_project_rc():
     assert plt.rcParams["axes.spines.top"] is False
 
 
+def test_the_library_leaves_the_backend_to_the_environment():
+    """Importing coalora.plots must not switch the backend a notebook chose (e.g. inline)."""
+    import subprocess
+    import sys
+    code = ("import matplotlib; matplotlib.use('svg'); import coalora.plots; "
+            "print(matplotlib.get_backend())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "svg"
+
+
 def test_caption_names_backbone_and_source_and_wraps():
     frame = tidy(rows("qlora", 0, {3.0: 0.7}), rows("coalora", 0, {3.0: 0.8}))
     text = plots.caption("Figure 1 (smoke preset, seeds [0])", frame, width=40)
@@ -105,58 +128,62 @@ def test_caption_lists_every_backbone_and_source_once():
 
 # ---- panels ----------------------------------------------------------------------------------------
 
-def test_plot_by_budget_one_line_per_method_no_band_for_one_seed():
-    summary = studies.by_budget(tidy(rows("coalora", 0, {4.0: 0.85, 3.0: 0.75}),
-                                     rows("shared", 0, {3.0: 0.6, 4.0: 0.7}),
-                                     rows("qlora", 0, {3.0: 0.7, 4.0: 0.8}, {3.0: 1.0, 4.0: 1.0})))
+def test_plot_by_budget_one_line_per_method_in_its_style_no_band_for_one_seed():
+    frame = tidy(rows("coalora", 0, {4.0: 0.85, 3.0: 0.75}),
+                 rows("shared", 0, {3.0: 0.6, 4.0: 0.7}),
+                 rows("qlora", 0, {3.0: 0.7, 4.0: 0.8}, {3.0: 1.0, 4.0: 1.0}),
+                 rows("coalora", 0, {3.5: 0.1}, configuration_set="unseen"))   # not a target: not drawn
     fig, ax = plt.subplots()
-    plots.plot_by_budget(ax, summary, "accuracy (%)")
-    assert len(ax.get_lines()) == 3
-    assert len(ax.collections) == 0
-    assert legend_labels(ax) == ["QLoRA", "Shared-LoRA", "CoA-LoRA"]
-    coalora = ax.get_lines()[2]
+    plots.plot_by_budget(ax, frame, "accuracy (%)")
+    lines = data_lines(ax)
+    assert len(lines) == 3 and not bands(ax)
+    assert legend_labels(ax) == ["QLoRA", "Shared-LoRA", "CoA-LoRA"]            # METHODS order
+    assert [to_hex(line.get_color()) for line in lines] == [METHODS[m].color.lower()
+                                                             for m in ("qlora", "shared", "coalora")]
+    assert [line.get_marker() for line in lines] == [METHODS[m].marker for m in ("qlora", "shared", "coalora")]
+    coalora = lines[2]
     assert list(coalora.get_xdata()) == pytest.approx([3.02, 4.02])   # sorted by average bits
     assert list(coalora.get_ydata()) == pytest.approx([75.0, 85.0])   # in percent
     assert ax.get_ylabel() == "accuracy (%)" and labelled(ax)
-    plt.close(fig)
 
 
-def test_plot_by_budget_band_only_for_methods_with_several_seeds():
-    summary = studies.by_budget(tidy(rows("qlora", 0, {3.0: 0.7, 4.0: 0.8}, {3.0: 1.0, 4.0: 1.0}),
-                                     rows("qlora", 1, {3.0: 0.74, 4.0: 0.84}, {3.0: 1.0, 4.0: 1.0}),
-                                     rows("lqlora", 0, {3.0: 0.7, 4.0: 0.8}, {3.0: 1.0, 4.0: 1.0}),
-                                     rows("lqlora", 1, {3.0: 0.72, 4.0: 0.8}, {3.0: 1.0, 4.0: 1.0}),
-                                     rows("coalora", 0, {3.0: 0.75, 4.0: 0.85})))
+def test_plot_by_budget_mean_and_std_band_only_for_methods_with_several_seeds():
+    frame = tidy(rows("qlora", 0, {3.0: 0.7, 4.0: 0.8}, {3.0: 1.0, 4.0: 1.0}),
+                 rows("qlora", 1, {3.0: 0.74, 4.0: 0.84}, {3.0: 1.0, 4.0: 1.0}),
+                 rows("lqlora", 0, {3.0: 0.7, 4.0: 0.8}, {3.0: 1.0, 4.0: 1.0}),
+                 rows("lqlora", 1, {3.0: 0.72, 4.0: 0.8}, {3.0: 1.0, 4.0: 1.0}),
+                 rows("coalora", 0, {3.0: 0.75, 4.0: 0.85}))
     fig, ax = plt.subplots()
-    plots.plot_by_budget(ax, summary, "accuracy (%)")
-    assert len(ax.get_lines()) == 3
-    assert len(ax.collections) == 2                            # QLoRA and LQ-LoRA, not CoA-LoRA
-    band = ax.collections[0].get_paths()[0].vertices
+    plots.plot_by_budget(ax, frame, "accuracy (%)")
+    assert list(data_lines(ax)[0].get_ydata()) == pytest.approx([72.0, 82.0])   # QLoRA's mean over seeds
+    assert len(bands(ax)) == 2                                   # QLoRA and LQ-LoRA, not CoA-LoRA
+    band = bands(ax)[0].get_paths()[0].vertices
     qlora_std = 100 * np.std([0.70, 0.74], ddof=1)
     assert band[:, 1].min() == pytest.approx(72.0 - qlora_std)
     assert band[:, 1].max() == pytest.approx(82.0 + qlora_std)
-    plt.close(fig)
 
 
-def test_plot_by_budget_unscaled_for_perplexity():
-    summary = pd.DataFrame({"method": ["shared", "shared"], "budget": [3.0, 4.0], "mean": [40.0, 30.0],
-                            "std": [0.0, 0.0], "n_seeds": [1, 1], "avg_bits": [3.0, 4.0]})
+def test_plot_by_budget_unscaled_for_perplexity_and_optional_legend():
+    frame = tidy(rows("shared", 0, {3.0: 40.0, 4.0: 30.0}))
     fig, ax = plt.subplots()
-    plots.plot_by_budget(ax, summary, "perplexity", scale=1.0)
-    assert list(ax.get_lines()[0].get_ydata()) == [40.0, 30.0]
-    plt.close(fig)
+    plots.plot_by_budget(ax, frame, "perplexity", scale=1.0, legend=False)
+    assert list(data_lines(ax)[0].get_ydata()) == [40.0, 30.0]
+    assert ax.get_legend() is None
 
 
 def test_plot_gap_draws_both_methods_and_the_gap():
-    frame = tidy(rows("qlora", 0, {3.0: 0.8, 4.0: 0.9}, {3.0: 1.0, 4.0: 1.0}), rows("shared", 0, {3.0: 0.7, 4.0: 0.85}))
-    gap = studies.accuracy_gap(frame)
+    frame = tidy(rows("qlora", 0, {3.0: 0.8, 4.0: 0.9}, {3.0: 1.0, 4.0: 1.0}),
+                 rows("shared", 0, {3.0: 0.7, 4.0: 0.85}), rows("coalora", 0, {3.0: 0.1, 4.0: 0.1}))
     fig, ax = plt.subplots()
-    plots.plot_gap(ax, gap)
-    assert len(ax.get_lines()) == 2 and len(ax.collections) == 1
+    plots.plot_gap(ax, frame)
+    lines = data_lines(ax)
+    assert len(lines) == 2 and len(bands(ax)) == 1                # CoA-LoRA left out; the gap filled
     assert legend_labels(ax) == ["QLoRA", "Shared-LoRA", "gap"]
-    assert list(ax.get_lines()[0].get_ydata()) == pytest.approx([80.0, 90.0])
+    assert list(lines[0].get_xdata()) == [3.0, 4.0]               # at the target budgets
+    assert list(lines[0].get_ydata()) == pytest.approx([80.0, 90.0])
+    gap = bands(ax)[0].get_paths()[0].vertices[:, 1]
+    assert gap.min() == pytest.approx(70.0) and gap.max() == pytest.approx(90.0)
     assert labelled(ax)
-    plt.close(fig)
 
 
 def test_plot_cumulative_time_lines_per_method_in_minutes():
@@ -166,18 +193,17 @@ def test_plot_cumulative_time_lines_per_method_in_minutes():
     times = studies.fine_tuning_time(frame, range(1, 5))
     fig, ax = plt.subplots()
     plots.plot_cumulative_time(ax, times)
-    lines = ax.get_lines()
+    lines = data_lines(ax)
     assert len(lines) == 3
     assert legend_labels(ax) == ["QLoRA", "Shared-LoRA", "CoA-LoRA"]
     assert list(lines[0].get_ydata()) == pytest.approx([1.5, 3.0, 4.5, 6.0])
     assert list(lines[2].get_ydata()) == pytest.approx([10.0] * 4)
     assert labelled(ax)
-    plt.close(fig)
 
 
 def test_plot_seen_unseen_fills_seen_points():
     points = pd.DataFrame({"method": "coalora", "seed": 0, "configuration_id": list("abcde"),
-                           "kind": ["seen", "seen", "target", "unseen", "unseen"],
+                           "configuration_set": ["seen", "seen", "target", "unseen", "unseen"],
                            "avg_bits": [2.5, 5.0, 3.0, 3.5, 4.2], "value": [0.7, 0.9, 0.8, 0.82, 0.85],
                            "seen": [True, True, False, False, False]})
     fig, ax = plt.subplots()
@@ -189,7 +215,6 @@ def test_plot_seen_unseen_fills_seen_points():
     assert seen.get_facecolors()[0][3] == 1.0                  # filled
     assert len(unseen.get_facecolors()) == 0 or unseen.get_facecolors()[0][3] == 0.0   # hollow
     assert ax.get_xlabel()
-    plt.close(fig)
 
 
 def test_plot_search_rounds_one_front_per_epoch():
@@ -199,12 +224,13 @@ def test_plot_search_rounds_one_front_per_epoch():
          for e in (0, 1) for role, n in (("pool", 4), ("proposal", 2), ("kept", 3)) for i in range(n)])
     fig, ax = plt.subplots()
     plots.plot_search_rounds(ax, rounds)
-    assert len(ax.get_lines()) == 2
-    assert len(ax.collections) == 2 * 2 + 2                   # pool and proposals per epoch + two legend keys
+    fronts = data_lines(ax)
+    assert len(fronts) == 2                                    # one front per epoch
     assert legend_labels(ax) == ["epoch 0: kept 3", "epoch 1: kept 3", "scored pool", "proposals"]
-    assert list(ax.get_lines()[1].get_xdata()) == [3.0, 4.0, 5.0]
+    assert list(fronts[1].get_xdata()) == [3.0, 4.0, 5.0]
+    assert list(fronts[1].get_ydata()) == pytest.approx([0.95, 0.85, 0.75])
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 2 * (4 + 2)   # pool and proposals, kept drawn as lines
     assert labelled(ax)
-    plt.close(fig)
 
 
 def test_plot_search_rounds_single_epoch():
@@ -212,8 +238,7 @@ def test_plot_search_rounds_single_epoch():
                            "configuration_id": ["a", "b"], "avg_bits": [3.0, 4.0], "loss": [0.5, 0.4]})
     fig, ax = plt.subplots()
     plots.plot_search_rounds(ax, rounds)
-    assert len(ax.get_lines()) == 1 and labelled(ax)
-    plt.close(fig)
+    assert len(data_lines(ax)) == 1 and labelled(ax)
 
 
 def test_plot_workflow_draws_the_loop():
@@ -225,4 +250,3 @@ def test_plot_workflow_draws_the_loop():
     assert any("Pareto" in t for t in texts)
     assert not ax.axison
     assert ax.get_xlim() == (0.0, 1.0) and ax.get_ylim() == (0.0, 1.0)
-    plt.close(fig)

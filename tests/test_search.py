@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from coalora import search
 from coalora.configs import Configuration, LayerQuant, Layout, MatrixSpec, QuantSpace
 from coalora.metrics import hypervolume
-from coalora.search import Encoder, fit_loss_gp, log_ehvi, make_search_hook, segmented_pareto_filter
+from coalora.search import (ConfigurationSearch, Encoder, SearchConfig, fit_loss_gp, log_ehvi,
+                            segmented_pareto_filter)
 
 NF = QuantSpace.nf()
 LAYOUT = Layout("synthetic", tuple(MatrixSpec(f"layers.{i // 2}.{'attn' if i % 2 else 'mlp'}", (64, 64 * (1 + i % 3)),
@@ -34,8 +35,8 @@ def scorer(model, configurations, batches):
     return [synthetic_loss(c) for c in configurations]
 
 
-def hook(mode="pareto", **kwargs):
-    return make_search_hook(mode, NF, LAYOUT, [{}], scorer=kwargs.pop("scorer", scorer), **kwargs)
+def hook(mode="pareto", seed=0, scorer=scorer, **config):
+    return ConfigurationSearch(SearchConfig(mode, **config), NF, LAYOUT, [{}], seed=seed, scorer=scorer)
 
 
 def random_pool(n: int, seed: int = 100) -> list[Configuration]:
@@ -237,32 +238,37 @@ def test_search_leaves_the_training_rng_alone():
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"mode": "bayes"}, "unknown search mode 'bayes'; valid modes: pareto, frozen, random"),
     ({"kernel": "linear"}, "unknown GP kernel 'linear'; valid kernels: rbf, matern, categorical"),
-    ({"starts": 0}, "starts must be an int >= 1"),
-    ({"segments": 0}, "segments must be an int >= 1"),
+    ({"starts": 0}, "search starts must be an int >= 1"),
+    ({"segments": 0}, "search segments must be an int >= 1"),
+    ({"batches": 1.5}, "search batches must be an int >= 1"),
+    ({"steps": True}, "search steps must be an int >= 0"),
 ])
 def test_bad_arguments(kwargs, message):
-    args = {"mode": "pareto", **kwargs}
     with pytest.raises(ValueError, match=message):
-        make_search_hook(args.pop("mode"), NF, LAYOUT, [{}], **args)
+        SearchConfig(**{"mode": "pareto", **kwargs})
     assert search.SEARCH_MODES == ("pareto", "frozen", "random")
 
 
-def test_needs_held_out_batches():
+def test_needs_held_out_batches_a_config_and_a_valid_seed():
     with pytest.raises(ValueError, match="at least one held-out batch"):
-        make_search_hook("pareto", NF, LAYOUT, [])
+        ConfigurationSearch(SearchConfig("pareto"), NF, LAYOUT, [])
+    with pytest.raises(ValueError, match="expected a coalora.search.SearchConfig, got 'pareto'"):
+        ConfigurationSearch("pareto", NF, LAYOUT, [{}])
+    with pytest.raises(ValueError, match="seed must be a non-negative int, got -1"):
+        ConfigurationSearch(SearchConfig("pareto"), NF, LAYOUT, [{}], seed=-1)
 
 
 # ---- inside the training engine ----------------------------------------------------------------------
 
 def test_pareto_search_inside_coalora_training():
-    from test_train import tiny_model, toy_batches  # the tiny random BERT of the engine's tests
+    from test_training import tiny_model, toy_batches  # the tiny random BERT of the engine's tests
 
-    from coalora.train import HyperParams, train
+    from coalora.training import HyperParams, train
 
     model, configs = tiny_model(config_aware=True)
     held_out = search.fixed_batches(toy_batches(2, seed=5), n=2)
-    h = make_search_hook("pareto", NF, model.layout, held_out, starts=3, steps=4, seed=0)
-    trained = train("coalora", model, configs, toy_batches(2), HyperParams(rank=4, epochs=2), search=h)
+    h = ConfigurationSearch(SearchConfig("pareto", starts=3, steps=4), NF, model.layout, held_out, seed=0)
+    trained = train("coalora", model, configs, toy_batches(2), HyperParams(rank=4, epochs=2), refine=h)
     assert len(h.rounds) == 2 and all(r["proposals"] for r in h.rounds)
     pools = [[c.digest() for c in configs]] + [row["pool"] for row in trained.history]
     assert pools[1] != pools[0] or pools[2] != pools[1]

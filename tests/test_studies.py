@@ -9,27 +9,30 @@ import pandas as pd
 import pytest
 
 from coalora import studies
+from coalora.methods import METHODS
 from coalora.experiments import RunSpec
 from coalora.presets import PRESETS
 
 COLUMNS = ["method", "search", "backbone", "backbone_label", "task", "task_source", "stand_in", "preset", "quantizer",
-           "configuration_id", "kind", "budget", "avg_bits", "seen", "seed", "metric", "value", "loss",
+           "configuration_id", "configuration_set", "budget", "avg_bits", "seen", "seed", "metric", "value", "loss",
            "train_seconds", "eval_seconds"]
 
 
-def run_rows(method: str, seed: int, values: dict, train_seconds, kind: str = "target", metric: str = "accuracy",
-             avg_bits: dict | None = None) -> list[dict]:
+def run_rows(method: str, seed: int, values: dict, train_seconds, configuration_set: str = "target",
+             metric: str = "accuracy", avg_bits: dict | None = None) -> list[dict]:
     """Rows of one run in `experiments._score`'s format: `values` maps budget -> score (seen rows have no
     budget); `train_seconds` is one number (a shared training) or a dict budget -> seconds (one training
     per configuration)."""
     rows = []
     for budget, value in values.items():
         seconds = train_seconds[budget] if isinstance(train_seconds, dict) else train_seconds
-        cid = f"{method}-{kind}-{budget}" if method in ("qlora", "lqlora") else f"cfg-{kind}-{budget}"
+        cid = (f"{method}-{configuration_set}-{budget}" if method in ("qlora", "lqlora")
+               else f"cfg-{configuration_set}-{budget}")
         rows.append({
             "method": method, "search": "frozen", "backbone": "minilm-l6", "backbone_label": "MiniLM-L6",
             "task": "sst2", "task_source": "RT sentences", "stand_in": True, "preset": "smoke", "quantizer": "nf",
-            "configuration_id": cid, "kind": kind, "budget": None if kind == "seen" else budget,
+            "configuration_id": cid, "configuration_set": configuration_set,
+            "budget": None if configuration_set == "seen" else budget,
             "avg_bits": (avg_bits or {}).get(budget, budget + 0.02), "seen": False, "seed": seed,
             "metric": metric, "value": value, "loss": 1.0 - value if metric == "accuracy" else np.log(value),
             "train_seconds": float(seconds), "eval_seconds": 0.5})
@@ -48,7 +51,7 @@ def test_paper_table1_has_every_cell():
     table = studies.paper_table1()
     assert len(table) == 48
     assert table.groupby("task").size().to_dict() == {"mnli": 16, "qnli": 16, "sst2": 16}
-    assert set(table["method"]) == set(studies.METHOD_ORDER)
+    assert set(table["method"]) == set(list(METHODS))
     assert sorted(table["budget"].unique()) == [3.0, 4.0, 5.0, 6.0]
     assert (table["source"] == "paper").all()
     assert not table.duplicated(["task", "budget", "method"]).any()
@@ -82,10 +85,10 @@ def test_paper_table1_unknown_task_names_the_valid_ones():
 
 def test_study_specs_one_per_method_and_seed():
     specs = studies.study_specs("smoke", "sst2", "int", seeds=(0, 1))
-    assert [(s.method, s.seed) for s in specs] == [(m, s) for m in studies.METHOD_ORDER for s in (0, 1)]
-    assert {s.space for s in specs} == {"int"} and {s.task for s in specs} == {"sst2"}
+    assert [(s.method, s.seed) for s in specs] == [(m, s) for m in list(METHODS) for s in (0, 1)]
+    assert {s.quantizer for s in specs} == {"int"} and {s.task for s in specs} == {"sst2"}
     pareto = studies.study_specs("smoke", "sst2", methods=["coalora"], search="pareto")
-    assert [s.search for s in pareto] == ["pareto"]
+    assert [s.search.mode for s in pareto] == ["pareto"]
 
 
 def test_search_history_and_seen_vs_unseen_refuse_wrong_specs():
@@ -119,8 +122,8 @@ def test_by_budget_single_seed_has_zero_std_not_nan():
 
 def test_by_budget_counts_only_target_rows():
     rows = frame(run_rows("coalora", 0, {3.0: 0.80}, 5.0),
-                 run_rows("coalora", 0, {3.0: 0.10, 3.5: 0.20}, 5.0, kind="unseen"),
-                 run_rows("coalora", 0, {3.0: 0.30}, 5.0, kind="seen"))
+                 run_rows("coalora", 0, {3.0: 0.10, 3.5: 0.20}, 5.0, configuration_set="unseen"),
+                 run_rows("coalora", 0, {3.0: 0.30}, 5.0, configuration_set="seen"))
     summary = studies.by_budget(rows)
     assert len(summary) == 1
     assert summary["mean"].iloc[0] == pytest.approx(0.80)
@@ -172,9 +175,9 @@ def test_fine_tuning_time_per_configuration_methods_scale_with_n():
                  run_rows("shared", 0, {3.0: 0.7, 4.0: 0.8}, 50.0),
                  run_rows("shared", 1, {3.0: 0.7, 4.0: 0.8}, 70.0),
                  run_rows("coalora", 0, {3.0: 0.8, 4.0: 0.9}, 200.0),
-                 run_rows("coalora", 0, {3.3: 0.8, 4.7: 0.9}, 200.0, kind="unseen"))
+                 run_rows("coalora", 0, {3.3: 0.8, 4.7: 0.9}, 200.0, configuration_set="unseen"))
     times = studies.fine_tuning_time(rows, [1, 2, 5])
-    assert [str(m) for m in times["method"]] == [m for m in studies.METHOD_ORDER for _ in range(3)]
+    assert [str(m) for m in times["method"]] == [m for m in list(METHODS) for _ in range(3)]
     seconds = {(str(m), n): s for m, n, s in zip(times["method"], times["n_configurations"], times["seconds"])}
     qlora_per_config = np.mean([np.mean([10, 20, 30]), np.mean([30, 40, 50])])  # 30
     for n in (1, 2, 5):
@@ -210,7 +213,7 @@ def test_hypervolumes_one_row_per_method_and_seed_and_dominance():
                  run_rows("qlora", 1, dict(zip(budgets, [0.71, 0.76, 0.79])), 1.0),
                  run_rows("coalora", 0, dict(zip(budgets, [0.80, 0.85, 0.90])), 1.0),
                  run_rows("coalora", 1, dict(zip(budgets, [0.81, 0.84, 0.91])), 1.0),
-                 run_rows("coalora", 0, {3.5: 0.83}, 1.0, kind="unseen"))
+                 run_rows("coalora", 0, {3.5: 0.83}, 1.0, configuration_set="unseen"))
     hv = studies.hypervolumes(rows, (2.0, 8.0))
     assert sorted(zip(hv["method"], hv["seed"])) == [("coalora", 0), ("coalora", 1), ("qlora", 0), ("qlora", 1)]
     assert ((hv["hypervolume"] > 0) & (hv["hypervolume"] <= 1)).all()
@@ -259,6 +262,13 @@ def test_wide_table_keeps_only_present_methods_and_honours_decimals():
     ppl = studies.wide_table(studies.by_budget(frame(run_rows("coalora", 0, {3.0: 25.5}, 1.0, metric="perplexity"))),
                              scale=1.0)
     assert ppl.loc[3.0, "CoA-LoRA"] == "25.50"
+
+
+def test_wide_table_lays_out_the_papers_single_numbers_the_same_way():
+    wide = studies.wide_table(studies.paper_table1("sst2"), value="value")
+    assert list(wide.columns) == ["QLoRA", "LQ-LoRA", "Shared-LoRA", "CoA-LoRA"]
+    assert list(wide.index) == [3.0, 4.0, 5.0, 6.0]
+    assert wide.loc[3.0, "LQ-LoRA"] == "92.08" and wide.loc[6.0, "CoA-LoRA"] == "93.23"
 
 
 # ---- output folders --------------------------------------------------------------------------------

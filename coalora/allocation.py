@@ -1,7 +1,7 @@
 """Budget allocation: pick one quantization option per matrix so the model's average bits stay
 within a budget while the total (optionally Fisher-weighted) quantization error is smallest.
 
-This is LQ-LoRA's integer linear program (method.md A.4), solved with `scipy.optimize.milp` (HiGHS):
+This is LQ-LoRA's integer linear program (docs/method.md#allocation), solved with `scipy.optimize.milp` (HiGHS):
     minimise   sum_ij cost[i, j] x[i, j]
     subject to sum_j x[i, j] = 1 for every matrix i,
                sum_ij numel_i * bits_j * x[i, j] <= budget * sum_i numel_i,   x binary.
@@ -196,7 +196,7 @@ def _table_digest(table: CostTable) -> str:
 
 
 def _solve(table: CostTable, budget: float) -> tuple[np.ndarray, float]:
-    lo, hi = reachable_bits(table.space)
+    lo, hi = table.space.bits_range()
     if not lo <= budget <= hi:
         raise ValueError(f"budget {budget} bits is outside the reachable range of space "
                          f"{table.space.name!r}: [{lo:.4f}, {hi:.4f}]")
@@ -238,11 +238,6 @@ def pareto_options(bits: np.ndarray, costs: np.ndarray) -> list[int]:
     return keep
 
 
-def reachable_bits(space: QuantSpace) -> tuple[float, float]:
-    """Average-bit range any configuration of `space` can reach (every matrix at its min / max)."""
-    return space.bits_range()
-
-
 def configuration_from_choice(table: CostTable, choice: np.ndarray) -> Configuration:
     options = table.space.options()
     return Configuration(table.layout, {m.name: options[j] for m, j in zip(table.layout.matrices, choice)})
@@ -255,8 +250,8 @@ def cost_table(backbone: str, space: QuantSpace | str = "nf", recompute: bool = 
     path = assets.home() / "cost_tables" / f"{backbone}.{space.name}.none.v{COST_TABLE_VERSION}.npz"
     if path.exists() and not recompute:
         return CostTable.load(path)
-    task_kind = "classification" if models.backbone_spec(backbone).kind == "encoder" else "causal-lm"
-    model, _ = models.load_backbone(backbone, task_kind)
+    task_type = "classification" if models.backbone_spec(backbone).architecture == "encoder" else "causal-lm"
+    model, _ = models.load_backbone(backbone, task_type)
     layout = models.matrix_layout(model, backbone)
     weights = {name: mod.weight for name, mod in models.quantized_linears(model).items()}
     table = compute_cost_table(weights, layout, space, fraction=sample_fraction(layout))

@@ -1,9 +1,9 @@
 """One training engine for CoA-LoRA and its three baselines, on the same backbone, task, quantizer
-and configurations (method.md D, F):
+and configurations (docs/method.md#training, docs/method.md#baselines):
 
     coalora  one shared LoRA + theta; every batch runs under K configurations drawn from the
-             training set, losses summed, one AdamW step; the set may be refined after each epoch
-             by a search hook (the next issue; "frozen" here)
+             training set, losses summed, one AdamW step; after each epoch a `refine` hook (the
+             configuration search, coalora.search) may replace the training set
     qlora    a fresh LoRA (+ head) trained per configuration
     lqlora   like qlora, with A, B initialised from the top-r SVD of the quantization residual
              W - Q(W) (one-shot; `lqlora_iterations > 1` alternates SVD and quantization as LQ-LoRA
@@ -31,28 +31,21 @@ from tqdm.auto import tqdm
 
 from coalora import lora
 from coalora.configs import Configuration
+from coalora.methods import method as get_method
 from coalora.quant import fake_quantize
 from coalora.repro import seed_everything
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("coalora", "qlora", "lqlora", "shared")
-PER_CONFIGURATION = ("qlora", "lqlora")
 BASE_PREFIX = "base_weight::"  # adapter-state keys of base weights that replace Q(W) (iterative LQ-LoRA)
 
-# search(epoch, model, pool) -> the training pool for the next epoch (CoA-LoRA only).
-SearchHook = Callable[[int, torch.nn.Module, list[Configuration]], list[Configuration]]
-
-
-def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
-    return method
+# refine(epoch, model, pool) -> the training pool for the next epoch (CoA-LoRA only).
+RefineHook = Callable[[int, torch.nn.Module, list[Configuration]], list[Configuration]]
 
 
 @dataclass(frozen=True)
 class HyperParams:
-    """Training hyper-parameters shared by all methods (method.md D.4; lr raised for small models)."""
+    """Training hyper-parameters shared by all methods (docs/method.md#training)."""
 
     rank: int = 8
     alpha: int = 16
@@ -87,7 +80,7 @@ class Trained:
 
     def load_for(self, configuration: Configuration) -> torch.nn.Module:
         """Switch the model to `configuration` and load the adapter trained for it."""
-        key = configuration.digest() if self.method in PER_CONFIGURATION else "shared"
+        key = configuration.digest() if get_method(self.method).per_configuration else "shared"
         if key not in self.states:
             raise ValueError(f"{self.method} has no adapter for configuration {key} "
                              f"({configuration.avg_bits:.3f} bits); it was trained for "
@@ -163,14 +156,14 @@ def _run_epochs(model, batches: DataLoader, hp: HyperParams, pick: Callable[[], 
 
 
 def lqlora_init_(model: torch.nn.Module, configuration: Configuration, hp: HyperParams) -> None:
-    """Initialise every LoRA so that Q + s*B@A approximates W (LQ-LoRA; method.md F).
+    """Initialise every LoRA so that Q + s*B@A approximates W (LQ-LoRA; docs/method.md#baselines).
 
     One-shot (iterations=1): B A = top-r SVD of W - Q(W) / s, base stays Q(W).
     Iterative: L <- SVD_r(W - Q), Q <- quantize(W - L), repeated; the base weight becomes that Q.
     """
     scaling = hp.alpha / hp.rank
-    for name, layer in lora.lora_layers(model).items():
-        weight = lora.original_weight(model, name).float()
+    for name, layer in model.lora_layers.items():
+        weight = model.full_precision[name].float()
         lq = configuration[name]
         low_rank = torch.zeros_like(weight)
         for _ in range(hp.lqlora_iterations):
@@ -185,22 +178,23 @@ def lqlora_init_(model: torch.nn.Module, configuration: Configuration, hp: Hyper
 
 
 def train(method: str, model: torch.nn.Module, configurations: Sequence[Configuration], batches: DataLoader,
-          hp: HyperParams = HyperParams(), seed: int = 0, search: SearchHook | None = None) -> Trained:
+          hp: HyperParams = HyperParams(), seed: int = 0, refine: RefineHook | None = None) -> Trained:
     """Train `method` on `model` (a `coalora.lora.build_lora_model` model, config-aware for
-    "coalora") for the given configurations and return the trained adapters with their timings."""
-    check_method(method)
+    "coalora") for the given configurations and return the trained adapters with their timings.
+    `refine` (CoA-LoRA only) replaces the training set after each epoch."""
+    spec = get_method(method)
     configurations = list(configurations)
     if not configurations:
         raise ValueError(f"{method} needs at least one training configuration, got none")
-    if (method == "coalora") != lora.is_config_aware(model):
-        raise ValueError(f"method {method!r} needs a model built with config_aware={method == 'coalora'}")
-    if search is not None and method != "coalora":
+    if spec.config_aware != (model.theta is not None):
+        raise ValueError(f"method {method!r} needs a model built with config_aware={spec.config_aware}")
+    if refine is not None and not spec.config_aware:
         raise ValueError(f"a configuration search only refines CoA-LoRA's training set, not {method!r}'s")
     initial = lora.adapter_state(model)
     states, seconds = {}, {}
     history: list[dict] = []
 
-    if method in PER_CONFIGURATION:
+    if spec.per_configuration:
         for configuration in tqdm(configurations, desc=method, leave=False):
             seed_everything(seed)
             lora.load_adapter_state(model, initial)
@@ -214,7 +208,7 @@ def train(method: str, model: torch.nn.Module, configurations: Sequence[Configur
             states[key] = lora.adapter_state(model)
             if method == "lqlora" and hp.lqlora_iterations > 1:
                 states[key].update({BASE_PREFIX + name: layer.get_base_layer().weight.detach().clone()
-                                    for name, layer in lora.lora_layers(model).items()})
+                                    for name, layer in model.lora_layers.items()})
             history += [{"configuration": key, **e} for e in epochs]
         return Trained(method, model, configurations, states, seconds, history)
 
@@ -228,18 +222,18 @@ def train(method: str, model: torch.nn.Module, configurations: Sequence[Configur
         def pick():
             return rng.sample(pool, min(hp.configs_per_step, len(pool)))
 
-    def refine(epoch: int) -> None:
-        if search is not None:
-            pool[:] = search(epoch, model, list(pool))
+    def end_epoch(epoch: int) -> None:
+        if refine is not None:
+            pool[:] = refine(epoch, model, list(pool))
             if not pool:
                 raise ValueError("the configuration search returned an empty training set")
         history.append({"epoch": epoch, "pool": [c.digest() for c in pool]})
 
     start = time.perf_counter()
-    epochs = _run_epochs(model, batches, hp, pick, method, refine if method == "coalora" else None)
+    epochs = _run_epochs(model, batches, hp, pick, method, end_epoch if spec.config_aware else None)
     seconds["shared"] = time.perf_counter() - start
     states["shared"] = lora.adapter_state(model)
     for row, extra in zip(epochs, history or [{}] * len(epochs)):
         row.update(extra)
-    return Trained(method, model, pool if method == "coalora" else configurations, states, seconds, epochs)
+    return Trained(method, model, pool if spec.config_aware else configurations, states, seconds, epochs)
 

@@ -10,7 +10,8 @@ from coalora import lora, models
 from coalora.configs import Configuration, LayerQuant, QuantSpace
 from coalora.metrics import evaluate
 from coalora.quant import fake_quantize
-from coalora.train import METHODS, HyperParams, micro_batches, train
+from coalora.methods import METHODS
+from coalora.training import HyperParams, micro_batches, train
 
 NF = QuantSpace.nf()
 VOCAB = 32
@@ -132,11 +133,11 @@ def test_per_configuration_adapters_differ_and_are_restored():
 
 def test_lqlora_starts_closer_to_the_full_precision_weight():
     model, configs = tiny_model(config_aware=False)
-    name = next(iter(lora.lora_layers(model)))
+    name = next(iter(model.lora_layers))
     trained = train("lqlora", model, configs[:1], toy_batches(1), HyperParams(rank=4, lr=1e-9, epochs=1), seed=0)
     trained.load_for(configs[0])
-    layer = lora.lora_layers(model)[name]
-    weight = lora.original_weight(model, name)
+    layer = model.lora_layers[name]
+    weight = model.full_precision[name]
     scaling = HP.alpha / HP.rank
     delta = scaling * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
     base = layer.get_base_layer().weight
@@ -147,11 +148,11 @@ def test_iterative_lqlora_base_weight_survives_evaluation():
     model, configs = tiny_model(config_aware=False)
     hp = HyperParams(rank=4, lr=1e-9, epochs=1, lqlora_iterations=3)
     trained = train("lqlora", model, configs[2:], toy_batches(1), hp, seed=0)
-    name = next(iter(lora.lora_layers(model)))
+    name = next(iter(model.lora_layers))
     trained.load_for(configs[2])
     evaluate(model, configs[2], toy_batches(1), "classification")
-    iterative = lora.lora_layers(model)[name].get_base_layer().weight
-    plain = fake_quantize(lora.original_weight(model, name), configs[2][name])
+    iterative = model.lora_layers[name].get_base_layer().weight
+    plain = fake_quantize(model.full_precision[name], configs[2][name])
     assert not torch.equal(iterative, plain)  # Q(W - BA), not Q(W)
     stored = trained.states[configs[2].digest()]["base_weight::" + name]
     assert torch.equal(iterative, stored)
@@ -165,14 +166,14 @@ def test_search_hook_refines_the_coalora_pool():
         calls.append((epoch, len(pool)))
         return pool[:2]
 
-    trained = train("coalora", model, configs, toy_batches(2), HyperParams(rank=4, epochs=2), search=keep_first_two)
+    trained = train("coalora", model, configs, toy_batches(2), HyperParams(rank=4, epochs=2), refine=keep_first_two)
     assert calls == [(0, 3), (1, 2)]
     assert trained.configurations == configs[:2]
     assert [len(h["pool"]) for h in trained.history] == [2, 2]
 
 
 @pytest.mark.parametrize(("method", "config_aware", "message"), [
-    ("lora", False, "unknown method 'lora'; valid methods: coalora, qlora, lqlora, shared"),
+    ("lora", False, "unknown method 'lora'; valid methods: qlora, lqlora, shared, coalora"),
     ("coalora", False, "needs a model built with config_aware=True"),
     ("qlora", True, "needs a model built with config_aware=False"),
 ])
@@ -199,4 +200,4 @@ def test_empty_configuration_set_and_foreign_configuration():
 def test_search_only_for_coalora():
     model, configs = tiny_model(False)
     with pytest.raises(ValueError, match="only refines CoA-LoRA"):
-        train("shared", model, configs, toy_batches(1), search=lambda e, m, p: p)
+        train("shared", model, configs, toy_batches(1), refine=lambda e, m, p: p)

@@ -1,5 +1,4 @@
 import itertools
-import sys
 
 import numpy as np
 import pytest
@@ -7,9 +6,9 @@ import torch
 from scipy import stats
 from transformers import BertConfig, BertForSequenceClassification
 
-from coalora.allocate import (CostTable, allocate, compute_cost_table, configuration_from_choice, cost_table,
+from coalora.allocation import (CostTable, allocate, compute_cost_table, configuration_from_choice, cost_table,
                               fisher_diagonal, matrix_costs, pareto_options, solve_allocation)
-from coalora import models
+from coalora import allocation, models
 from coalora.configs import Configuration, Layout, MatrixSpec, QuantSpace
 
 BUDGETS = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
@@ -64,10 +63,9 @@ def test_ilp_matches_brute_force_on_a_small_table():
 
 
 def test_solutions_are_remembered_by_table_contents(monkeypatch):
-    allocate_module = sys.modules["coalora.allocate"]  # `coalora.allocate` the attribute is the function
     solves = []
-    real_milp = allocate_module.milp
-    monkeypatch.setattr(allocate_module, "milp", lambda *a, **k: solves.append(1) or real_milp(*a, **k))
+    real_milp = allocation.milp
+    monkeypatch.setattr(allocation, "milp", lambda *a, **k: solves.append(1) or real_milp(*a, **k))
     space = QuantSpace("small", "nf", bits=(2, 4), scale_bits=(8,), scale_dtype=("fp32",), block_size=(64,),
                        group_size=(256,))
     layout = Layout("toy-memo", tuple(MatrixSpec(f"m{i}", (8, 64), i, "x") for i in range(3)))
@@ -135,7 +133,7 @@ def test_sampled_cost_estimates_the_exact_one(minilm_weights, kind):
 
 
 def test_sample_covers_whole_blocks_and_rejects_bad_fractions():
-    from coalora.allocate import _chunk_rows
+    from coalora.allocation import _chunk_rows
     chunks = torch.tensor([0, 10])                      # 700 weights: chunk 10 is the partial last one
     assert _chunk_rows(chunks, 16, n_blocks=44).tolist() == [0, 1, 2, 3, 40, 41, 42, 43]
     assert _chunk_rows(chunks, 64, n_blocks=11).tolist() == [0, 10]
@@ -149,7 +147,7 @@ def test_sample_covers_whole_blocks_and_rejects_bad_fractions():
 
 
 def test_sample_fraction_is_exact_for_small_models(minilm_table):
-    from coalora.allocate import COST_TABLE_SAMPLE, sample_fraction
+    from coalora.allocation import COST_TABLE_SAMPLE, sample_fraction
     assert sample_fraction(minilm_table.layout) == 1.0
     big = Layout("big", tuple(MatrixSpec(f"m{i}", (4096, 4096), 0, "q") for i in range(4)))
     assert sample_fraction(big) == pytest.approx(COST_TABLE_SAMPLE / (4 * 4096 * 4096))

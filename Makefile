@@ -42,10 +42,12 @@ reproduce: assets
 			--no-progress-bar || exit 1; \
 	done
 
+# Every benchmark in bench/, one after another (two torch processes on 2 cores slow each other
+# down many times over). `make bench QUICK=1` runs each in its quick mode, as the test suite does.
+BENCHMARKS := $(sort $(wildcard bench/*.py))
+
 bench: assets
-	$(PY) bench/quant.py
-	$(PY) bench/adapt.py
-	$(PY) bench/search.py
+	@for b in $(BENCHMARKS); do echo "== $$b"; $(PY) $$b $(if $(QUICK),--quick) || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)

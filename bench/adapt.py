@@ -1,20 +1,24 @@
-"""Adapting to a configuration, on the real MiniLM-L6 at r = 8, 2 CPU cores.
+"""Adapting to a configuration, on the real MiniLM-L6 at r = 8.
 
 Prints (1) the median time of `materialize` for a configuration never seen before (theta on that
-configuration + folding (I + gamma U) A; goal < 10 ms), and separately the time to quantize the base
-weights for it; (2) the time of one CoA-LoRA training step (K configurations, already cached, on one
-batch of 32 x 64 tokens) relative to K plain LoRA steps on the same batch (goal: theta adds <= 5 %).
-Run: `.venv/bin/python bench/adapt.py` on an otherwise idle machine.
+configuration + folding (I + gamma U) A into A; goal < 10 ms), and separately the time to quantize
+the base weights for it; (2) the time of one CoA-LoRA training step (K = 2 configurations, already
+cached, on one batch of 32 x 64 tokens) relative to K plain LoRA steps on the same batch (goal:
+theta adds <= 5 %). Results: docs/measurements.md#adapting-to-a-configuration.
+
+Run: `.venv/bin/python bench/adapt.py` on an otherwise idle machine (part of `make bench`);
+`--quick` times a few repeats only, to check that the benchmark runs.
 """
 
+import argparse
 import statistics
 import time
 
 import torch
 
-from coalora import lora, models
-from coalora.allocate import allocate
-from coalora.configs import Configuration, QuantSpace
+from coalora import Configuration, QuantSpace, allocate, build_lora_model, load_backbone, materialize, set_configuration
+from coalora.lora import trainable_parameters
+from coalora.models import matrix_layout
 
 NF = QuantSpace.nf()
 K = 2
@@ -22,9 +26,9 @@ K = 2
 
 def build(config_aware: bool):
     torch.manual_seed(0)
-    backbone, tokenizer = models.load_backbone("minilm-l6")
-    layout = models.matrix_layout(backbone, "minilm-l6")
-    return lora.build_lora_model(backbone, layout, NF, rank=8, config_aware=config_aware), tokenizer, layout
+    backbone, tokenizer = load_backbone("minilm-l6")
+    layout = matrix_layout(backbone, "minilm-l6")
+    return build_lora_model(backbone, layout, NF, rank=8, config_aware=config_aware), tokenizer, layout
 
 
 def timed(fn) -> float:
@@ -34,12 +38,17 @@ def timed(fn) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few repeats: checks that it runs")
+    args = parser.parse_args()
+    n_fresh, n_quantize, n_steps = (8, 2, 1) if args.quick else (60, 10, 7)
+
     model, tokenizer, layout = build(config_aware=True)
-    fresh = [Configuration.random(layout, NF, seed) for seed in range(60)]
-    times = [timed(lambda c=c: lora.materialize(model, c)) for c in fresh]
+    fresh = [Configuration.random(layout, NF, seed) for seed in range(n_fresh)]
+    times = [timed(lambda c=c: materialize(model, c)) for c in fresh]
     print(f"materialize, new configuration: median {statistics.median(times[5:]) * 1e3:.2f} ms "
           f"over {len(times) - 5} configurations (goal < 10 ms)")
-    quantize = [timed(lambda c=c: lora.set_configuration(model, c)) for c in fresh[:10]]
+    quantize = [timed(lambda c=c: set_configuration(model, c)) for c in fresh[:n_quantize]]
     print(f"quantizing the base weights for a new configuration (not part of materialize): "
           f"median {statistics.median(quantize):.2f} s")
 
@@ -50,21 +59,21 @@ def main() -> None:
     plain, _, _ = build(config_aware=False)
 
     def step(m, configurations):
-        params = lora.trainable_parameters(m)
+        params = trainable_parameters(m)
         m.train()
         for p in params:
             p.grad = None
         for c in configurations:
-            lora.set_configuration(m, c)
+            set_configuration(m, c)
             m(**batch).loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
 
     for m in (model, plain):
         for c in configs:
-            lora.set_configuration(m, c)  # fill the weight caches
+            set_configuration(m, c)  # fill the weight caches
         step(m, configs)  # warm-up
-    coa = statistics.median(timed(lambda: step(model, configs)) for _ in range(7))
-    base = statistics.median(timed(lambda: step(plain, configs)) for _ in range(7))
+    coa = statistics.median(timed(lambda: step(model, configs)) for _ in range(n_steps))
+    base = statistics.median(timed(lambda: step(plain, configs)) for _ in range(n_steps))
     print(f"training step with K={K} configurations: CoA-LoRA {coa:.3f} s, {K} plain LoRA steps {base:.3f} s, "
           f"ratio {coa / base:.3f} (goal <= 1.05)")
 

@@ -6,13 +6,14 @@ and a synthetic loss, for MiniLM-L6 (36 matrices, d = 180) and a RoBERTa-Large-s
 (24 blocks x 6 matrices = 144, d = 720). Goal: <= 5 s per round at d = 720.
 
 Use `--threads 1` on a machine with other work running: with 2 threads and a busy second core,
-OpenMP waits made one acquisition call 10x slower (1.27 s vs 0.13 s at d = 720, measured).
+OpenMP waits made one acquisition call 10x slower (1.27 s vs 0.13 s at d = 720).
 
 `--kernels`: held-out prediction error of each GP kernel in coalora.search.KERNELS on synthetic
-and realistic data (80 configurations per data set: 16 ILP allocations, 32 perturbations of them,
-32 random; 3 random splits of 44 train / 36 test); the numbers in the module docstring.
+and real data (80 configurations per data set: 16 ILP allocations, 32 perturbations of them,
+32 random; 3 random splits of 44 train / 36 test). Results: docs/measurements.md#gp-kernel.
 
-Run: `.venv/bin/python bench/search.py [--kernels] [--threads 2]`.
+Run: `.venv/bin/python bench/search.py [--kernels] [--threads 2]` (part of `make bench`);
+`--quick` runs one round and a one-split kernel comparison on a 10-matrix layout.
 """
 
 import argparse
@@ -24,9 +25,9 @@ import numpy as np
 import scipy.stats
 import torch
 
-from coalora import allocate, models
-from coalora.configs import Configuration, Layout, MatrixSpec, QuantSpace
-from coalora.search import KERNELS, Encoder, fit_loss_gp, make_search_hook, neighbours
+from coalora import allocation, models
+from coalora.configs import Configuration, Layout, MatrixSpec, QuantSpace, unique
+from coalora.search import KERNELS, ConfigurationSearch, Encoder, SearchConfig, fit_loss_gp, neighbours
 
 NF = QuantSpace.nf()
 BUDGETS = np.linspace(2.25, 7.25, 16)
@@ -49,13 +50,13 @@ def option_error(space: QuantSpace) -> np.ndarray:
                      * (1.05 if o.scale_dtype != "fp32" else 1.0) for o in space.options()])
 
 
-def synthetic_table(layout: Layout, seed: int = 0) -> allocate.CostTable:
+def synthetic_table(layout: Layout, seed: int = 0) -> allocation.CostTable:
     """Cost table with per-matrix sensitivities w_i (log-uniform in [0.1, 10]) x option_error."""
     w = np.exp(np.random.default_rng(seed).uniform(np.log(0.1), np.log(10.0), len(layout)))
-    return allocate.CostTable(layout, NF, w[:, None] * option_error(NF)[None, :], "synthetic")
+    return allocation.CostTable(layout, NF, w[:, None] * option_error(NF)[None, :], "synthetic")
 
 
-def table_loss(table: allocate.CostTable, log: bool = False, noise: float = 0.002):
+def table_loss(table: allocation.CostTable, log: bool = False, noise: float = 0.002):
     """loss(c) = 0.3 + mean_i cost[i, option of c_i] (or its log), plus noise seeded by the id."""
     column = {o: j for j, o in enumerate(NF.options())}
 
@@ -66,14 +67,13 @@ def table_loss(table: allocate.CostTable, log: bool = False, noise: float = 0.00
     return loss
 
 
-def sample_configurations(table: allocate.CostTable, n_ilp: int, n_perturbed: int, n_random: int,
+def sample_configurations(table: allocation.CostTable, n_ilp: int, n_perturbed: int, n_random: int,
                           seed: int = 0) -> list[Configuration]:
     """ILP allocations at budgets over 2.25-7.25 bits, random +-1 walks (1-12 moves) from them, and
     uniformly random configurations: roughly what the search's GP sees."""
     rng = np.random.default_rng(seed)
     encoder = Encoder(NF, table.layout)
-    ilp = list({c.digest(): c for c in (allocate.allocate(table, float(b)) for b in
-                                          np.linspace(2.25, 7.25, n_ilp))}.values())
+    ilp = unique(allocation.allocate(table, float(b)) for b in np.linspace(2.25, 7.25, n_ilp))
     out = list(ilp)
     for _ in range(n_perturbed):
         index = encoder.indices([ilp[rng.integers(len(ilp))]])[0]
@@ -82,16 +82,16 @@ def sample_configurations(table: allocate.CostTable, n_ilp: int, n_perturbed: in
             index = options[rng.integers(len(options))]
         out.append(encoder.configurations(index[None])[0])
     out += [Configuration.random(table.layout, NF, int(rng.integers(2**31))) for _ in range(n_random)]
-    return list({c.digest(): c for c in out}.values())
+    return unique(out)
 
 
 # ---- timing ------------------------------------------------------------------------------------------
 
-def time_rounds(name: str, table: allocate.CostTable, n_ilp: int, rounds: int = 2) -> None:
+def time_rounds(name: str, table: allocation.CostTable, n_ilp: int, rounds: int = 2, pool_size: int = 50) -> None:
     loss = table_loss(table)
-    pool = sample_configurations(table, n_ilp=n_ilp, n_perturbed=0, n_random=50 - n_ilp)
-    hook = make_search_hook("pareto", NF, table.layout, [{}], starts=5, steps=10, segments=10, seed=0,
-                            scorer=lambda model, configs, batches: [loss(c) for c in configs])
+    pool = sample_configurations(table, n_ilp=n_ilp, n_perturbed=0, n_random=pool_size - n_ilp)
+    hook = ConfigurationSearch(SearchConfig("pareto", starts=5, steps=10, segments=10), NF, table.layout, [{}],
+                               seed=0, scorer=lambda model, configs, batches: [loss(c) for c in configs])
     d = 5 * len(table.layout)
     print(f"\n{name}: {len(table.layout)} matrices, d = {d}, pool {len(pool)}, S = 5, T = 10")
     for epoch in range(rounds):
@@ -140,31 +140,36 @@ def embedding_distortion_loss():
     return loss
 
 
-def compare_kernels() -> None:
-    minilm = allocate.cost_table("minilm-l6")
-    small = Layout("synthetic-10", tuple(MatrixSpec(f"m{i}", (64, 64 * (1 + i % 3)), i // 2, f"t{i % 2}")
-                                         for i in range(10)))
-    synthetic_small, synthetic_minilm = synthetic_table(small), synthetic_table(minilm.layout, seed=1)
-    datasets = [
-        ("synthetic, 10 matrices", synthetic_small, table_loss(synthetic_small)),
-        ("synthetic, MiniLM layout", synthetic_minilm, table_loss(synthetic_minilm)),
-        ("MiniLM quantization error", minilm, table_loss(minilm, log=True, noise=0.0)),
-    ]
-    start = time.perf_counter()
-    datasets.append(("MiniLM embedding distortion", minilm, embedding_distortion_loss()))
-    print(f"(loaded MiniLM-L6 in {time.perf_counter() - start:.1f} s)")
+def small_layout() -> Layout:
+    """Ten synthetic matrices of three shapes over five blocks (d = 50)."""
+    return Layout("synthetic-10", tuple(MatrixSpec(f"m{i}", (64, 64 * (1 + i % 3)), i // 2, f"t{i % 2}")
+                                        for i in range(10)))
+
+
+def compare_kernels(quick: bool = False) -> None:
+    synthetic_small = synthetic_table(small_layout())
+    datasets = [("synthetic, 10 matrices", synthetic_small, table_loss(synthetic_small))]
+    if not quick:
+        minilm = allocation.cost_table("minilm-l6")
+        synthetic_minilm = synthetic_table(minilm.layout, seed=1)
+        datasets += [("synthetic, MiniLM layout", synthetic_minilm, table_loss(synthetic_minilm)),
+                     ("MiniLM quantization error", minilm, table_loss(minilm, log=True, noise=0.0))]
+        start = time.perf_counter()
+        datasets.append(("MiniLM embedding distortion", minilm, embedding_distortion_loss()))
+        print(f"(loaded MiniLM-L6 in {time.perf_counter() - start:.1f} s)")
+    sizes, n_train, splits = ((4, 8, 8), 12, 1) if quick else ((16, 32, 32), 44, 3)
     print(f"\n{'data (d)':36s}" + "".join(f"{k:>18s}" for k in KERNELS) + "   (RMSE / Spearman rho, fit s)")
     for name, table, loss in datasets:
-        configs = sample_configurations(table, 16, 32, 32)
+        configs = sample_configurations(table, *sizes)
         encoder = Encoder(NF, table.layout)
         x = encoder.normalise(encoder.indices(configs))
         start = time.perf_counter()
         y = torch.tensor([loss(c) for c in configs], dtype=torch.float64)
         scored = time.perf_counter() - start
         results = {k: [] for k in KERNELS}
-        for split in range(3):
+        for split in range(splits):
             order = torch.randperm(len(configs), generator=torch.Generator().manual_seed(split))
-            train, test = order[:44], order[44:]
+            train, test = order[:n_train], order[n_train:]
             for kernel in KERNELS:
                 tick = time.perf_counter()
                 gp = fit_loss_gp(x[train], y[train], kernel)
@@ -183,14 +188,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernels", action="store_true", help="compare GP kernels instead of timing rounds")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true",
+                        help="one round and a one-split kernel comparison on 10 matrices: checks that it runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch threads {torch.get_num_threads()}")
-    if args.kernels:
+    if args.quick:
+        time_rounds("synthetic, 10 matrices", synthetic_table(small_layout()), n_ilp=5, rounds=1, pool_size=20)
+        compare_kernels(quick=True)
+    elif args.kernels:
         compare_kernels()
-        return
-    time_rounds("MiniLM-L6", synthetic_table(allocate.cost_table("minilm-l6").layout), n_ilp=20)
-    time_rounds("RoBERTa-Large-sized", synthetic_table(roberta_large_layout()), n_ilp=8)  # its ILP is slow
+    else:
+        minilm, _ = models.load_backbone("minilm-l6")
+        time_rounds("MiniLM-L6", synthetic_table(models.matrix_layout(minilm, "minilm-l6")), n_ilp=20)
+        time_rounds("RoBERTa-Large-sized", synthetic_table(roberta_large_layout()), n_ilp=8)  # its ILP is slow
 
 
 if __name__ == "__main__":

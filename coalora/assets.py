@@ -31,6 +31,8 @@ from pathlib import Path
 import platformdirs
 from tqdm.auto import tqdm
 
+from coalora.names import lookup
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "ASSET.json"
@@ -330,9 +332,7 @@ ASSETS: dict[str, Asset] = {
 
 
 def _asset(name: str) -> Asset:
-    if name not in ASSETS:
-        raise ValueError(f"unknown asset {name!r}; valid assets: {', '.join(ASSETS)}")
-    return ASSETS[name]
+    return lookup(ASSETS, name, "asset")
 
 
 def path(name: str) -> Path:

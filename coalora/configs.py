@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from coalora.names import lookup
 from coalora.quant import SCALE_DTYPE_BITS, storage_bits
 
 KINDS = ("nf", "int")
@@ -107,10 +108,7 @@ class QuantSpace:
 
     @classmethod
     def named(cls, name: str) -> QuantSpace:
-        spaces = {"nf": cls.nf, "int": cls.integer}
-        if name not in spaces:
-            raise ValueError(f"unknown quantization space {name!r}; valid spaces: {', '.join(spaces)}")
-        return spaces[name]()
+        return lookup({"nf": cls.nf, "int": cls.integer}, name, "quantization space")()
 
     @property
     def n_choices(self) -> tuple[int, ...]:

@@ -30,6 +30,7 @@ from datasets import ClassLabel, Dataset, Features, Value
 from tqdm.auto import tqdm
 
 from coalora import assets
+from coalora.names import lookup
 from coalora.presets import OFFLINE_PRESETS, preset as get_preset
 
 log = logging.getLogger(__name__)
@@ -227,20 +228,14 @@ TASKS: dict[str, _Sources] = {
 }
 
 
-def _sources(name: str) -> _Sources:
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
-    return TASKS[name]
-
-
 def task_type(name: str) -> str:
     """The task type of task `name` ("classification" or "causal-lm"), without loading its data."""
-    return _sources(name).task_type
+    return lookup(TASKS, name, "task").task_type
 
 
 def load_task(name: str, preset: str) -> TaskData:
     """Resolve task `name` under `preset` and load it (offline data must have been fetched)."""
-    sources = _sources(name)
+    sources = lookup(TASKS, name, "task")
     if get_preset(preset).needs_hub:
         loader = sources.paper
         if loader is None:

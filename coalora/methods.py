@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from coalora.names import lookup
+
 
 @dataclass(frozen=True)
 class Method:
@@ -36,9 +38,7 @@ METHODS: dict[str, Method] = {m.key: m for m in (
 
 def method(key: str) -> Method:
     """The method called `key`, or a ValueError naming the valid ones."""
-    if key not in METHODS:
-        raise ValueError(f"unknown method {key!r}; valid methods: {', '.join(METHODS)}")
-    return METHODS[key]
+    return lookup(METHODS, key, "method")
 
 
 def check_method(key: str) -> str:

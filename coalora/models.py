@@ -21,6 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from coalora.configs import Layout, MatrixSpec
+from coalora.names import lookup
 from coalora.presets import TASK_TYPES, check_task_type
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,7 @@ BACKBONES = {spec.name: spec for spec in (
 
 def backbone_spec(name: str) -> BackboneSpec:
     """The registered spec of `name`, or a ValueError listing the valid names."""
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(BACKBONES)}")
-    return BACKBONES[name]
+    return lookup(BACKBONES, name, "backbone")
 
 
 # ---- loading -------------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ STYLE = {
     "pdf.fonttype": 42, "ps.fonttype": 42, "svg.hashsalt": "coalora",
 }
 BITS_LABEL = "average bits per weight"
+# The search ablation's three modes: the full method in CoA-LoRA's colour, the two ablations in greys.
+SEARCH_MODE_STYLES = {"pareto": (METHODS["coalora"].color, "o"), "frozen": ("#4d4d4d", "s"),
+                      "random": ("#9a9a9a", "^")}
 
 
 def use_style() -> None:
@@ -64,15 +67,39 @@ def _labelled(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     return frame.assign(method=frame["method"].astype(str).map(lambda m: METHODS[m].label)), styling
 
 
+def _by_search_mode(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Like `_labelled`, for lines per search mode (column "search") in SEARCH_MODE_STYLES order."""
+    present = [m for m in SEARCH_MODE_STYLES if m in set(frame["search"].astype(str))]
+    styling = {"hue": "search", "style": "search", "hue_order": present, "style_order": present,
+               "palette": {m: SEARCH_MODE_STYLES[m][0] for m in present},
+               "markers": {m: SEARCH_MODE_STYLES[m][1] for m in present}, "dashes": False}
+    return frame.assign(search=frame["search"].astype(str)), styling
+
+
 def plot_by_budget(ax, rows: pd.DataFrame, ylabel: str, scale: float = 100.0, x: str = "avg_bits",
-                   legend: bool = True) -> None:
-    """Score vs average bits per method at the target configurations: the mean over seeds, with a
-    band of one std where a method has several seeds (`rows`: tidy run rows, e.g. `studies.collect`)."""
+                   legend: bool = True, by: str = "method") -> None:
+    """Score vs average bits per method (or per search mode, `by="search"`) at the target
+    configurations: the mean over seeds, with a band of one std where there are several seeds
+    (`rows`: tidy run rows, e.g. `studies.collect`)."""
     target = rows[rows["configuration_set"] == "target"]
-    data, styling = _labelled(target.assign(value=target["value"] * scale))
+    target = target.assign(value=target["value"] * scale)
+    data, styling = _labelled(target) if by == "method" else _by_search_mode(target)
     sns.lineplot(data=data, x=x, y="value", errorbar="sd", legend="auto" if legend else False, ax=ax, **styling)
     ax.set_xlabel(BITS_LABEL if x == "avg_bits" else "target budget (bits)")
     ax.set_ylabel(ylabel)
+
+
+def plot_hypervolumes(ax, hv: pd.DataFrame, by: str = "search") -> None:
+    """One point per seed and the mean with a std bar, per search mode (`studies.hypervolumes(...,
+    by=("search", "seed"))`)."""
+    data, styling = _by_search_mode(hv)
+    order = styling["hue_order"]
+    sns.stripplot(data=data, x=by, y="hypervolume", order=order, hue=by, hue_order=order,
+                  palette=styling["palette"], size=5, alpha=0.6, jitter=0.1, legend=False, ax=ax)
+    sns.pointplot(data=data, x=by, y="hypervolume", order=order, errorbar="sd", color="black",
+                  markers="_", linestyles="none", capsize=0.2, ax=ax)
+    ax.set_xlabel("training-set refinement")
+    ax.set_ylabel("hypervolume (target + unseen)")
 
 
 def plot_seen_unseen(ax, points: pd.DataFrame, scale: float = 100.0) -> None:

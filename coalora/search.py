@@ -74,6 +74,7 @@ from tqdm.auto import tqdm
 
 from coalora import lora
 from coalora.configs import FIELDS, Configuration, Layout, QuantSpace, unique
+from coalora.names import check_name
 
 logger = logging.getLogger(__name__)
 
@@ -91,18 +92,6 @@ CHUNK = 2048  # candidates per posterior call: bounds memory, and 2d <= 1440 eve
 Scorer = Callable[[torch.nn.Module, Sequence[Configuration], Sequence[Mapping[str, torch.Tensor]]], list[float]]
 
 
-def check_mode(mode: str) -> str:
-    if mode not in SEARCH_MODES:
-        raise ValueError(f"unknown search mode {mode!r}; valid modes: {', '.join(SEARCH_MODES)}")
-    return mode
-
-
-def check_kernel(kernel: str) -> str:
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown GP kernel {kernel!r}; valid kernels: {', '.join(KERNELS)}")
-    return kernel
-
-
 @dataclass(frozen=True)
 class SearchConfig:
     """How CoA-LoRA's training set is refined after each epoch; shared by `RunSpec` and the search."""
@@ -117,8 +106,8 @@ class SearchConfig:
     kernel: str = DEFAULT_KERNEL
 
     def __post_init__(self):
-        check_mode(self.mode)
-        check_kernel(self.kernel)
+        check_name(self.mode, SEARCH_MODES, "search mode")
+        check_name(self.kernel, KERNELS, "GP kernel")
         for name, least in (("starts", 1), ("steps", 0), ("segments", 1), ("batches", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -203,7 +192,7 @@ class Encoder:
 def fit_loss_gp(x: torch.Tensor, losses: torch.Tensor, kernel: str = DEFAULT_KERNEL) -> SingleTaskGP:
     """A GP for -loss (maximisation convention) on GP inputs x [n, d], outcomes standardised,
     hyper-parameters by exact marginal likelihood (kept at their initial values if fitting fails)."""
-    check_kernel(kernel)
+    check_name(kernel, KERNELS, "GP kernel")
     x, y = x.double(), -torch.as_tensor(losses, dtype=torch.float64).reshape(-1, 1)  # [n, d], [n, 1]
     with warnings.catch_warnings(record=True) as caught:  # e.g. "not standardized" for equal losses
         warnings.simplefilter("always")

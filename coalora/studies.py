@@ -23,6 +23,7 @@ from coalora.experiments import RunSpec, run_dir, run_experiment
 from coalora.methods import METHODS
 from coalora.presets import preset as get_preset
 from coalora.repro import atomic_path, package_versions, write_json_atomic
+from coalora.search import SEARCH_MODES
 
 TASK_LABELS = {"sst2": "SST-2", "qnli": "QNLI", "mnli": "MNLI", "c4": "C4"}
 
@@ -63,6 +64,13 @@ def study_specs(preset: str, task: str, quantizer: str = "nf", methods: Iterable
             for m in methods for s in seeds]
 
 
+def ablation_specs(preset: str, task: str, seeds: Iterable[int] = (0,),
+                   modes: Iterable[str] = SEARCH_MODES) -> list[RunSpec]:
+    """Figure 8's runs: CoA-LoRA (NF) with each search mode, per seed. Every mode trains its first
+    epoch on the same data order, so the modes differ only from the first search on."""
+    return [spec for mode in modes for spec in study_specs(preset, task, "nf", ["coalora"], seeds, search=mode)]
+
+
 def collect(specs: Sequence[RunSpec], recompute: bool = False) -> pd.DataFrame:
     """All runs' tidy rows, computing only those not cached (or all with `recompute`)."""
     return pd.concat([run_experiment(s, recompute) for s in specs], ignore_index=True)
@@ -78,16 +86,21 @@ def search_history(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
 
 # ---- summaries -----------------------------------------------------------------------------------
 
-def by_budget(rows: pd.DataFrame) -> pd.DataFrame:
-    """Target-configuration scores per (method, budget): mean, std and count over seeds, and the
-    configurations' mean average bits. Methods in the order of `coalora.methods.METHODS`."""
+def by_budget(rows: pd.DataFrame, by: str = "method") -> pd.DataFrame:
+    """Target-configuration scores per (`by`, budget): mean, std and count over seeds, and the
+    configurations' mean average bits. `by` is "method" (in the order of `coalora.methods.METHODS`)
+    or another column, e.g. "search" for the search ablation (in SEARCH_MODES order)."""
     target = rows[rows["configuration_set"] == "target"]
-    out = (target.groupby(["method", "budget"], sort=False)
+    out = (target.groupby([by, "budget"], sort=False)
            .agg(mean=("value", "mean"), std=("value", "std"), n_seeds=("seed", "nunique"),
                 avg_bits=("avg_bits", "mean"))
            .reset_index())
     out["std"] = out["std"].fillna(0.0)                       # one seed: no spread, not NaN
-    return _in_method_order(out).sort_values(["method", "budget"]).reset_index(drop=True)
+    if by == "method":
+        out = _in_method_order(out)
+    elif by == "search":
+        out[by] = pd.Categorical(out[by], categories=[m for m in SEARCH_MODES if m in set(out[by])], ordered=True)
+    return out.sort_values([by, "budget"]).reset_index(drop=True)
 
 
 def seen_vs_unseen(specs: Sequence[RunSpec], recompute: bool = False) -> pd.DataFrame:

@@ -34,7 +34,7 @@ def test_spaces_have_the_papers_sizes():
     lo, hi = nf.bits_range()
     assert lo == pytest.approx(2 + 2 / 64 + 16 / (64 * 256))
     assert hi == pytest.approx(8.625)
-    with pytest.raises(ValueError, match="unknown quantization space 'fp8'; valid spaces: nf, int"):
+    with pytest.raises(ValueError, match="unknown quantization space 'fp8'; valid quantization spaces: nf, int"):
         QuantSpace.named("fp8")
     with pytest.raises(ValueError, match="invalid bits=5"):
         QuantSpace("odd", "nf", bits=(2, 5))

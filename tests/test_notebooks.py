@@ -27,9 +27,13 @@ EXPECTED = {
     "05_fig4_perplexity": {
         "fig4_perplexity_by_bits.csv": (["method", "budget", "mean", "std", "n_seeds"], 16),
         "fig4_hypervolume.csv": (["method", "seed", "hypervolume"], 4)},
+    "06_fig8_search_ablation": {
+        "fig8_search_ablation.csv": (["search", "budget", "mean", "std", "n_seeds", "avg_bits"], 3 * 4),
+        "fig8_hypervolume.csv": (["search", "seed", "hypervolume"], 3)},
 }
 FIGURES = {"01_fig1_motivation": "fig1_motivation", "02_fig2_workflow": "fig2_workflow",
-           "04_fig3_bitwidth": "fig3_bitwidth", "05_fig4_perplexity": "fig4_perplexity"}
+           "04_fig3_bitwidth": "fig3_bitwidth", "05_fig4_perplexity": "fig4_perplexity",
+           "06_fig8_search_ablation": "fig8_search_ablation"}
 
 
 def _execute(notebook: Path, out_dir: Path, **parameters) -> Path:

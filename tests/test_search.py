@@ -236,8 +236,8 @@ def test_search_leaves_the_training_rng_alone():
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"mode": "bayes"}, "unknown search mode 'bayes'; valid modes: pareto, frozen, random"),
-    ({"kernel": "linear"}, "unknown GP kernel 'linear'; valid kernels: rbf, matern, categorical"),
+    ({"mode": "bayes"}, "unknown search mode 'bayes'; valid search modes: pareto, frozen, random"),
+    ({"kernel": "linear"}, "unknown GP kernel 'linear'; valid GP kernels: rbf, matern, categorical"),
     ({"starts": 0}, "search starts must be an int >= 1"),
     ({"segments": 0}, "search segments must be an int >= 1"),
     ({"batches": 1.5}, "search batches must be an int >= 1"),

@@ -74,8 +74,3 @@ OFFLINE_PRESETS = tuple(name for name, p in PRESETS.items() if not p.needs_hub)
 def preset(name: str) -> Preset:
     """The preset called `name`, or a ValueError naming the valid ones."""
     return lookup(PRESETS, name, "preset")
-
-
-def check_preset(name: str) -> str:
-    """Return `name` if it is a known preset, else raise a ValueError naming the valid ones."""
-    return preset(name).name

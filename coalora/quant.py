@@ -128,12 +128,3 @@ def fake_quantize(weight: torch.Tensor, q: QuantParams, quantize_scales: bool = 
     scales = block_scales(weight, q, quantize_scales)
     out = dequantize_blocks(blocks, scales, q.kind, q.bits)
     return out.reshape(-1)[: weight.numel()].view(weight.shape).to(weight.dtype)
-
-
-def quantization_error(weight: torch.Tensor, q: QuantParams, importance: torch.Tensor | None = None) -> float:
-    """Squared Frobenius error ||sqrt(F) * (W - Q(W))||^2, with F = `importance` (e.g. a diagonal
-    Fisher) or all ones."""
-    diff = (weight.to(torch.float32) - fake_quantize(weight, q).to(torch.float32)) ** 2
-    if importance is not None:
-        diff = diff * importance
-    return float(diff.sum())

@@ -93,10 +93,6 @@ class Trained:
                 lora.override_base_weight(self.model, k[len(BASE_PREFIX):], weight)
         return self.model
 
-    @property
-    def total_train_seconds(self) -> float:
-        return sum(self.train_seconds.values())
-
 
 def micro_batches(batch: dict, k: int) -> list[tuple[float, dict]]:
     """(share of the batch, part) for k length-sorted parts of a padded classification batch, each
@@ -236,4 +232,3 @@ def train(method: str, model: torch.nn.Module, configurations: Sequence[Configur
     for row, extra in zip(epochs, history or [{}] * len(epochs)):
         row.update(extra)
     return Trained(method, model, pool if spec.config_aware else configurations, states, seconds, epochs)
-

@@ -115,7 +115,7 @@ def test_cost_table_matches_quantization_error(minilm_weights):
     weight = minilm_weights[name]
     space = QuantSpace.nf()
     row = matrix_costs(weight, space)
-    from coalora.quant import quantization_error
+    from test_quant import quantization_error
     for j in (0, 17, 200, 431):
         assert row[j] == pytest.approx(quantization_error(weight, space.options()[j]), rel=1e-5)
 

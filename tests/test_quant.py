@@ -3,7 +3,12 @@ import pytest
 import torch
 
 from coalora.configs import LayerQuant
-from coalora.quant import block_scales, fake_quantize, nf_codebook, quantization_error, storage_bits
+from coalora.quant import block_scales, fake_quantize, nf_codebook, storage_bits
+
+
+def quantization_error(weight: torch.Tensor, q: LayerQuant) -> float:
+    """||W - Q(W)||^2, the reference the cost tables are checked against."""
+    return float(((weight.float() - fake_quantize(weight, q).float()) ** 2).sum())
 
 # QLoRA's NF4 levels as published (bitsandbytes' hard-coded table).
 QLORA_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

@@ -9,7 +9,8 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 # A line each benchmark prints once it has measured everything it measures.
-LAST_LINE = {"quant.py": "cost table", "adapt.py": "training step with K=2", "search.py": "synthetic, 10 matrices (50)"}
+LAST_LINE = {"quant.py": "cost table", "adapt.py": "training step with K=2", "search.py": "synthetic, 10 matrices (50)",
+             "train_step.py": "(K=2) bf16"}
 
 
 def test_every_benchmark_is_covered():

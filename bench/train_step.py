@@ -1,0 +1,88 @@
+"""Seconds per training step against the floor set by this CPU's matmul throughput.
+
+On the default preset's model and batch shape (MiniLM-L6, r = 8, 32 RT sentences padded to the batch's
+longest), times a QLoRA step (one configuration) and a CoA-LoRA step (K = 2 configurations, gradients
+summed) in fp32 and under `torch.autocast(dtype=torch.bfloat16)`, after warm-up with the quantized weights
+cached. The floor of a step is its FLOPs (counted by `torch.utils.flop_counter` over forward and backward)
+divided by the measured throughput of a large matmul in the same precision; the ratio says how far the step
+is from what the arithmetic alone would take. Results: docs/measurements.md#training-step.
+
+Run: `.venv/bin/python bench/train_step.py` on an otherwise idle machine (part of `make bench`);
+`--quick` times one step of each, to check that the benchmark runs.
+"""
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from coalora import QuantSpace, allocate, build_lora_model, load_backbone, load_task, set_configuration
+from coalora.lora import trainable_parameters
+from coalora.models import matrix_layout
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def matmul_gflops(dtype: torch.dtype, size: int, repeats: int) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one timed step of each: checks that it runs")
+    args = parser.parse_args()
+    steps, size, repeats = (1, 512, 2) if args.quick else (8, 2048, 10)
+    print(f"torch threads {torch.get_num_threads()}")
+    throughput = {name: matmul_gflops(dtype or torch.float32, size, repeats) for name, dtype in PRECISIONS.items()}
+    print("matmul throughput: " + ", ".join(f"{name} {g:.0f} GFLOPS" for name, g in throughput.items()))
+
+    sentences = load_task("sst2", "default").train.shuffle(seed=0).select(range(32))
+    configurations = [allocate("minilm-l6", b) for b in (2.5, 4.0)]
+    for method, k in (("qlora", 1), ("coalora", 2)):
+        torch.manual_seed(0)
+        backbone, tokenizer = load_backbone("minilm-l6")
+        model = build_lora_model(backbone, matrix_layout(backbone, "minilm-l6"), QuantSpace.nf(), rank=8,
+                                 config_aware=method == "coalora")
+        batch = tokenizer(sentences["text"], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        batch["labels"] = torch.tensor(sentences["label"])
+        params = trainable_parameters(model)
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        model.train()
+
+        def step(dtype):
+            optimizer.zero_grad(set_to_none=True)
+            for configuration in configurations[:k]:
+                set_configuration(model, configuration)
+                autocast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+                with autocast:
+                    loss = model(**batch).loss
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+
+        for name, dtype in PRECISIONS.items():
+            step(dtype)  # warm-up: quantized weights cached, kernels chosen
+            with FlopCounterMode(display=False) as counter:
+                step(dtype)
+            seconds = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                step(dtype)
+                seconds.append(time.perf_counter() - start)
+            median = statistics.median(seconds)
+            floor = counter.get_total_flops() / (throughput[name] * 1e9)
+            print(f"{method:8s} (K={k}) {name}: {median:.3f} s/step, {counter.get_total_flops() / 1e9:.1f} GFLOP, "
+                  f"floor {floor:.3f} s, {median / floor:.1f} x the floor "
+                  f"(batch {tuple(batch['input_ids'].shape)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from coalora import assets, models
 from coalora.configs import Configuration, LayerQuant, Layout, MatrixSpec, QuantSpace
+from coalora.names import check_name
 from coalora.quant import double_quantize_scales, snap_to_code, to_blocks
 from coalora.repro import atomic_path
 
@@ -35,6 +36,12 @@ COST_TABLE_VERSION = 1
 # Cost tables are exact up to COST_TABLE_EXACT quantized weights (MiniLM-L6 has 10.6M); bigger models
 # score a seeded sample of COST_TABLE_SAMPLE weights in 64-weight chunks (allocations then cost within
 # ~1% of the exact optimum, tested on MiniLM).
+WEIGHTINGS = ("fisher", "error")
+# The Fisher of LQ-LoRA and the paper sums squared per-example gradients over 10,000 C4 examples; 512
+# examples (or token blocks) of the task's training split take seconds on MiniLM-L6 and a few minutes on
+# SmolLM2-135M, and the table is computed once per backbone, space and task.
+FISHER_EXAMPLES = 512
+FISHER_MAX_LENGTH = 128  # tokens per sentence, or the block size of a causal LM
 COST_TABLE_EXACT = 2**24
 COST_TABLE_SAMPLE = 2**22
 SAMPLE_CHUNK = 64  # a multiple of every block size, so a sampled chunk is whole blocks at any size
@@ -155,7 +162,8 @@ def compute_cost_table(weights: Mapping[str, torch.Tensor], layout: Layout, spac
 def fisher_diagonal(model: torch.nn.Module, matrices: Mapping[str, torch.nn.Module],
                     batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Empirical diagonal Fisher of each matrix: the sum over batches of squared gradients of the
-    model's loss (batches must include labels so `model(**batch).loss` exists)."""
+    model's loss (batches must include labels so `model(**batch).loss` exists). Batches of one
+    example give the per-example Fisher that LQ-LoRA's (and the paper's) allocation uses."""
     params = {name: mod.weight for name, mod in matrices.items()}
     saved = {name: p.requires_grad for name, p in params.items()}
     fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
@@ -243,29 +251,64 @@ def configuration_from_choice(table: CostTable, choice: np.ndarray) -> Configura
     return Configuration(table.layout, {m.name: options[j] for m, j in zip(table.layout.matrices, choice)})
 
 
-def cost_table(backbone: str, space: QuantSpace | str = "nf", recompute: bool = False) -> CostTable:
-    """The (cached) plain-error cost table of an offline or hub backbone. Backbones with more than
-    COST_TABLE_EXACT quantized weights get errors estimated from a seeded sample (`sample_fraction`)."""
+def task_fisher(backbone: str, task: str, preset: str, n_examples: int = FISHER_EXAMPLES):
+    """(model, diagonal Fisher per quantized matrix, description): the per-example Fisher of the
+    task loss on the first `n_examples` training examples of `task` under `preset` (token blocks for
+    a causal LM). A classifier's head is the freshly initialised one of seed 0, as fine-tuning starts."""
+    from coalora.data import lm_blocks, load_task, tokenize_classification
+
+    data = load_task(task, preset)
+    torch.manual_seed(0)
+    model, tokenizer = models.load_backbone(backbone, data.task_type, num_labels=data.num_labels or 2,
+                                            dtype=torch.float32)
+    if data.task_type == "classification":
+        rows = tokenize_classification(data.train.shuffle(seed=0).select(range(min(n_examples, len(data.train)))),
+                                       tokenizer, FISHER_MAX_LENGTH)
+        batches = ({k: v[None] for k, v in row.items()} for row in rows)
+    else:
+        blocks = lm_blocks(list(data.train["text"]), tokenizer, FISHER_MAX_LENGTH, n_examples)
+        batches = ({"input_ids": b[None], "labels": b[None]} for b in blocks)
+    linears = models.quantized_linears(model)
+    fisher = fisher_diagonal(model, linears, tqdm(batches, total=n_examples, desc="Fisher", leave=False))
+    return model, fisher, f"fisher: {task} ({data.source}), {n_examples} examples"
+
+
+def cost_table(backbone: str, space: QuantSpace | str = "nf", weighting: str = "error", task: str | None = None,
+               preset: str = "default", recompute: bool = False) -> CostTable:
+    """The (cached) cost table of an offline or hub backbone: plain quantization error, or for
+    `weighting="fisher"` the error weighted by the diagonal Fisher of `task`'s loss (`task_fisher`).
+    Backbones with more than COST_TABLE_EXACT quantized weights get errors estimated from a seeded
+    sample (`sample_fraction`)."""
     space = QuantSpace.named(space) if isinstance(space, str) else space
-    path = assets.home() / "cost_tables" / f"{backbone}.{space.name}.none.v{COST_TABLE_VERSION}.npz"
+    check_name(weighting, WEIGHTINGS, "cost weighting")
+    if weighting == "fisher" and task is None:
+        raise ValueError("a Fisher-weighted cost table needs the task whose loss the Fisher is taken of: pass task=...")
+    label = "none" if weighting == "error" else f"fisher-{task}-{preset}"
+    path = assets.home() / "cost_tables" / f"{backbone}.{space.name}.{label}.v{COST_TABLE_VERSION}.npz"
     if path.exists() and not recompute:
         return CostTable.load(path)
-    task_type = "classification" if models.backbone_spec(backbone).architecture == "encoder" else "causal-lm"
-    model, _ = models.load_backbone(backbone, task_type)
+    if weighting == "fisher":
+        model, importance, description = task_fisher(backbone, task, preset)
+    else:
+        task_type = "classification" if models.backbone_spec(backbone).architecture == "encoder" else "causal-lm"
+        (model, _), importance, description = models.load_backbone(backbone, task_type), None, "none"
     layout = models.matrix_layout(model, backbone)
     weights = {name: mod.weight for name, mod in models.quantized_linears(model).items()}
-    table = compute_cost_table(weights, layout, space, fraction=sample_fraction(layout))
+    table = compute_cost_table(weights, layout, space, importance, description, fraction=sample_fraction(layout))
     table.save(path)
     logger.info("saved cost table %s (errors from %.1f%% of the weights)", path, 100 * sample_fraction(layout))
     return table
 
 
-def allocate(backbone: str | CostTable, budget: float, space: QuantSpace | str = "nf") -> Configuration:
-    """The configuration with the least total quantization error whose average bits are <= budget.
+def allocate(backbone: str | CostTable, budget: float, space: QuantSpace | str = "nf", weighting: str = "error",
+             task: str | None = None, preset: str = "default") -> Configuration:
+    """The configuration with the least total (optionally Fisher-weighted) quantization error whose
+    average bits are <= budget.
 
-    `backbone` is a backbone name (its cached cost table is used, computed on first use) or a
-    ready `CostTable` (e.g. a Fisher-weighted one from `compute_cost_table`).
+    `backbone` is a backbone name (its cached cost table is used, computed on first use; `weighting`,
+    `task` and `preset` choose it, see `cost_table`) or a ready `CostTable`.
     """
-    table = backbone if isinstance(backbone, CostTable) else cost_table(backbone, space)
+    table = (backbone if isinstance(backbone, CostTable)
+             else cost_table(backbone, space, weighting, task, preset))
     choice, _ = solve_allocation(table, budget)
     return configuration_from_choice(table, choice)

@@ -1,12 +1,15 @@
-"""Experiments: a run is a small frozen dataclass; its tidy result rows, provenance and trained
-adapter weights are cached on disk under a content hash of the run, so notebooks share runs.
+"""Experiments: a run is a small frozen dataclass; its tidy result rows, per-example predictions,
+provenance and trained adapter weights are cached on disk under a content hash of the run, so
+notebooks share runs.
 
-    RunSpec --key()--> COALORA_HOME/runs/<key>/{rows.csv, provenance.json, adapters.safetensors,
-                                                history.json, search.csv}
+    RunSpec --key()--> COALORA_HOME/runs/<key>/{rows.csv, predictions.npz, provenance.json,
+                                                adapters.safetensors, history.json, search.csv}
 
 A run directory is written in a temporary folder and renamed into place when complete, so an
 interrupted run leaves nothing behind and is recomputed on the next call; `recompute=True` forces a
-rerun.
+rerun. The protocol (docs/method.md#evaluation): every method is scored on the same target
+configurations, CoA-LoRA's training set contains them, `seen` means trained on, and the search
+scores on a held-out slice of the training split that no method trains on.
 """
 
 from __future__ import annotations
@@ -28,26 +31,29 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from coalora import assets, lora, models
-from coalora.allocation import allocate
+from coalora.allocation import WEIGHTINGS, allocate
 from coalora.configs import Configuration, QuantSpace, unique
 from coalora.data import lm_blocks, load_task, task_type, tokenize_classification
 from coalora.methods import check_method, method as get_method
 from coalora.metrics import TASK_METRICS, evaluate
+from coalora.names import check_name
 from coalora.presets import RunSize, preset as get_preset
 from coalora.repro import atomic_path, provenance, seed_everything, write_json_atomic
 from coalora.search import ConfigurationSearch, SearchConfig, fixed_batches
-from coalora.training import HyperParams, Trained, train
+from coalora.training import FULL_PRECISION, HyperParams, Trained, train
 
 logger = logging.getLogger(__name__)
 
-RUN_VERSION = 2  # bump when training or evaluation changes numbers: every cached run is recomputed
-SEARCH_VERSION = 2  # bump when the configuration search changes numbers: searched runs are recomputed
+RUN_VERSION = 3  # bump when training or evaluation changes numbers: every cached run is recomputed
 
 # The paper's evaluation budgets: its NF figures at 2.5-4 bits, its integer table at 3-6 bits.
 EVAL_BUDGETS = {"nf": (2.5, 3.0, 3.5, 4.0), "int": (3.0, 4.0, 5.0, 6.0)}
 POOL_RANGE = (2.25, 7.25)  # the initial CoA-LoRA training set spans this (docs/method.md#training)
 SEARCH_COLUMNS = ["epoch", "mode", "role", "configuration_id", "avg_bits", "loss"]
 N_UNSEEN_BUDGETS = 5  # ILP configurations half-way between CoA-LoRA's initial pool budgets
+# Fake-quantized weights shared by every run of this process: equal weights quantize alike, so a
+# notebook's runs over seeds and methods quantize each (matrix, option) once.
+WEIGHT_CACHE = lora.WeightCache()
 
 
 @dataclass(frozen=True)
@@ -68,16 +74,19 @@ class RunSpec:
     size: RunSize | None = None  # None: the preset's run size for the task's type
     search: SearchConfig = SearchConfig()  # how CoA-LoRA's training set is refined after each epoch
     pool_range: tuple[float, float] = POOL_RANGE  # budgets of CoA-LoRA's initial training set
+    weighting: str = "fisher"  # the ILP's cost: Fisher-weighted quantization error, or plain "error"
 
     def __post_init__(self):
         get_preset(self.preset)
+        task_type(self.task)
         check_method(self.method)
         QuantSpace.named(self.quantizer)
+        check_name(self.weighting, WEIGHTINGS, "cost weighting")
         if isinstance(self.search, str):
             object.__setattr__(self, "search", SearchConfig(mode=self.search))
         if not isinstance(self.search, SearchConfig):
             raise ValueError(f"search must be a SearchConfig or a search mode, got {self.search!r}")
-        if self.search.mode != "frozen" and not get_method(self.method).config_aware:
+        if self.search.mode != "frozen" and get_method(self.method).training != "pool":
             raise ValueError(f"search mode {self.search.mode!r} refines CoA-LoRA's training set; method "
                              f"{self.method!r} takes search='frozen'")
 
@@ -91,30 +100,18 @@ class RunSpec:
             backbone=self.backbone or preset.backbone(of_type),
             eval_budgets=tuple(self.eval_budgets or EVAL_BUDGETS[self.quantizer]),
             unseen_budgets=tuple(self.unseen_budgets if self.unseen_budgets is not None
-                                 else unseen_budgets(size.pool_size, EVAL_BUDGETS[self.quantizer],
+                                 else unseen_budgets(size.pool_step, EVAL_BUDGETS[self.quantizer],
                                                      pool_range=tuple(self.pool_range))),
             size=size,
-            hp=self.hp or HyperParams(epochs=size.epochs),
+            hp=self.hp or HyperParams(epochs=size.epochs, precision=preset.precision),
+            # Without a search only its held-out slice (search.batches) matters: the other knobs are
+            # reset, so they do not split equal runs over two cache keys.
+            search=self.search if self.search.mode != "frozen" else SearchConfig(batches=self.search.batches),
         )
 
     def key(self) -> str:
-        """Content hash of the resolved spec, in the run cache's flat layout: the field names below,
-        with the search and the pool range left out while at their defaults. The layout changes only
-        together with RUN_VERSION, since any change to it re-keys every cached run."""
-        spec = self.resolved()
-        data = {"version": RUN_VERSION, "preset": spec.preset, "task": spec.task, "method": spec.method,
-                "space": spec.quantizer, "seed": spec.seed, "backbone": spec.backbone,
-                "eval_budgets": spec.eval_budgets, "unseen_budgets": spec.unseen_budgets,
-                "hp": asdict(spec.hp), "scale": asdict(spec.size)}
-        if spec.search.mode != "frozen":
-            search = spec.search
-            data |= {"search": search.mode, "search_starts": search.starts, "search_steps": search.steps,
-                     "search_segments": search.segments, "search_batches": search.batches,
-                     "search_version": SEARCH_VERSION}
-            if search.kernel != SearchConfig.kernel:
-                data["search_kernel"] = search.kernel
-        if tuple(spec.pool_range) != POOL_RANGE:
-            data["pool_range"] = spec.pool_range
+        """Content hash of the resolved spec and RUN_VERSION."""
+        data = {"version": RUN_VERSION, **asdict(self.resolved())}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -125,19 +122,33 @@ def run_dir(spec: RunSpec) -> Path:
 # ---- data ----------------------------------------------------------------------------------------
 
 def _batches(task, tokenizer, spec: RunSpec, split: str, shuffle: bool) -> DataLoader:
+    """Batches of `split`: "train" (what every method trains on), "search" (the held-out slice of the
+    training split the configuration search scores on: its first search.batches x batch_size
+    examples, trained on by no method) or "dev". Every method of a task and preset sees the same data."""
     size = spec.size
-    n = size.n_train if split == "train" else size.n_dev
+    held_out = spec.search.batches * size.batch_size
     generator = torch.Generator().manual_seed(spec.seed)
+    source = task.dev if split == "dev" else task.train
     if task.task_type == "classification":
-        data = getattr(task, split)
-        if n is not None:
-            data = data.shuffle(seed=0).select(range(min(n, len(data))))
-        tokenized = tokenize_classification(data, tokenizer, size.max_length)
-        if split == "dev":  # evaluation order is free, and length-sorted batches halve its time (less padding)
+        if split != "dev":
+            source = source.shuffle(seed=0)
+            rows = (range(min(held_out, len(source))) if split == "search" else
+                    range(held_out, len(source) if size.n_train is None else min(held_out + size.n_train,
+                                                                                 len(source))))
+            source = source.select(rows)
+        elif size.n_dev is not None:
+            source = source.shuffle(seed=0).select(range(min(size.n_dev, len(source))))
+        tokenized = tokenize_classification(source, tokenizer, size.max_length)
+        if split != "train":  # evaluation order is free, and length-sorted batches halve its time (less padding)
             tokenized = tokenized.select(np.argsort([len(ids) for ids in tokenized["input_ids"]], kind="stable"))
         return DataLoader(tokenized, batch_size=size.batch_size, shuffle=shuffle, generator=generator,
                           collate_fn=DataCollatorWithPadding(tokenizer))
-    blocks = lm_blocks(list(getattr(task, split)["text"]), tokenizer, size.max_length, n)  # [n, L]
+    if split == "dev":
+        blocks = lm_blocks(list(source["text"]), tokenizer, size.max_length, size.n_dev)  # [n, L]
+    else:
+        wanted = None if size.n_train is None else held_out + size.n_train
+        blocks = lm_blocks(list(source["text"]), tokenizer, size.max_length, wanted)
+        blocks = blocks[:held_out] if split == "search" else blocks[held_out:]
     rows = [{"input_ids": b, "labels": b} for b in blocks]
     return DataLoader(rows, batch_size=size.batch_size, shuffle=shuffle, generator=generator,
                       collate_fn=lambda items: {k: torch.stack([i[k] for i in items]) for k in items[0]})
@@ -145,29 +156,39 @@ def _batches(task, tokenizer, spec: RunSpec, split: str, shuffle: bool) -> DataL
 
 # ---- configurations ------------------------------------------------------------------------------
 
-def pool_budgets(pool_size: int, pool_range: tuple[float, float] = POOL_RANGE) -> np.ndarray:
-    return np.linspace(*pool_range, pool_size)
+def pool_budgets(step: float, pool_range: tuple[float, float] = POOL_RANGE) -> np.ndarray:
+    """Budgets every `step` bits over `pool_range`, both ends included."""
+    lo, hi = pool_range
+    return np.round(np.arange(lo, hi + step / 2, step), 4)
 
 
-def unseen_budgets(pool_size: int, eval_budgets, n: int = N_UNSEEN_BUDGETS,
+def unseen_budgets(step: float, eval_budgets, n: int = N_UNSEEN_BUDGETS,
                    pool_range: tuple[float, float] = POOL_RANGE) -> tuple[float, ...]:
     """Budgets half-way between consecutive initial-pool budgets, nearest the evaluation range first,
     so their ILP configurations are not in CoA-LoRA's initial training set."""
-    grid = pool_budgets(pool_size, pool_range)
+    grid = pool_budgets(step, pool_range)
     mids = (grid[1:] + grid[:-1]) / 2
     lo, hi = min(eval_budgets), max(eval_budgets)
     ranked = sorted(mids, key=lambda b: (not lo <= b <= hi, abs(b - (lo + hi) / 2)))
     return tuple(sorted(round(float(b), 4) for b in ranked[:n]))
 
 
-def evaluation_configurations(spec: RunSpec, layout) -> list[tuple[str, float | None, Configuration]]:
+def _allocate(spec: RunSpec, budget: float) -> Configuration:
+    return allocate(spec.backbone, float(budget), spec.quantizer, spec.weighting, spec.task, spec.preset)
+
+
+def evaluation_configurations(spec: RunSpec, layout) -> list[tuple[str, float | None, Configuration | None]]:
     """(configuration set, target budget, configuration): ILP configurations at the evaluation
-    budgets ("target"), and for methods that train once, ILP configurations at off-grid budgets and
-    seeded random ones ("unseen")."""
-    out = [("target", b, allocate(spec.backbone, b, spec.quantizer)) for b in spec.eval_budgets]
-    if get_method(spec.method).per_configuration:
+    budgets ("target"); for methods whose one adapter serves any configuration also ILP
+    configurations at off-grid budgets and seeded random ones ("unseen"); for the full-precision
+    reference the unquantized backbone alone ("reference", configuration None)."""
+    training = get_method(spec.method).training
+    if training == "full-precision":
+        return [("reference", None, None)]
+    out = [("target", b, _allocate(spec, b)) for b in spec.eval_budgets]
+    if not get_method(spec.method).serves_any_configuration:
         return out
-    out += [("unseen", b, allocate(spec.backbone, b, spec.quantizer)) for b in spec.unseen_budgets]
+    out += [("unseen", b, _allocate(spec, b)) for b in spec.unseen_budgets]
     space = QuantSpace.named(spec.quantizer)
     out += [("unseen", None, Configuration.random(layout, space, seed=10_000 + i))
             for i in range(spec.size.n_random_unseen)]
@@ -175,11 +196,16 @@ def evaluation_configurations(spec: RunSpec, layout) -> list[tuple[str, float | 
 
 
 def training_configurations(spec: RunSpec) -> list[Configuration]:
-    """CoA-LoRA: ILP configurations spread evenly over POOL_RANGE; the others: the evaluation budgets."""
-    if not get_method(spec.method).config_aware:
-        return [allocate(spec.backbone, b, spec.quantizer) for b in spec.eval_budgets]
-    budgets = pool_budgets(spec.size.pool_size, tuple(spec.pool_range))
-    return unique(allocate(spec.backbone, float(b), spec.quantizer) for b in budgets)
+    """The pool methods (CoA-LoRA and its theta-free twin): ILP configurations every `pool_step`
+    bits over the pool range and at the evaluation budgets; the others: the evaluation budgets
+    (none for the references)."""
+    training = get_method(spec.method).training
+    if training in ("full-precision", "none"):
+        return []
+    if training != "pool":
+        return [_allocate(spec, b) for b in spec.eval_budgets]
+    budgets = sorted({*pool_budgets(spec.size.pool_step, tuple(spec.pool_range)), *spec.eval_budgets})
+    return unique(_allocate(spec, b) for b in budgets)
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -192,53 +218,60 @@ def _setup(spec: RunSpec):
     layout = models.matrix_layout(backbone, spec.backbone)
     model = lora.build_lora_model(backbone, layout, QuantSpace.named(spec.quantizer), rank=spec.hp.rank,
                                   alpha=spec.hp.alpha, dropout=spec.hp.dropout,
-                                  config_aware=get_method(spec.method).config_aware, task_type=task.task_type)
+                                  config_aware=get_method(spec.method).theta, task_type=task.task_type,
+                                  cache=WEIGHT_CACHE)
     train_batches = _batches(task, tokenizer, spec, "train", shuffle=True)
     dev_batches = _batches(task, tokenizer, spec, "dev", shuffle=False)
-    return task, tokenizer, model, layout, train_batches, dev_batches
+    chance = 1 / task.num_labels if task.num_labels else backbone.config.vocab_size  # uniform guessing
+    return task, tokenizer, model, layout, train_batches, dev_batches, chance
 
 
-def _score(spec: RunSpec, task, trained, evaluations, dev_batches, seen: set[str]) -> list[dict]:
-    """Tidy rows: `trained` evaluated on each (configuration set, budget, configuration) of `evaluations`."""
+def _score(spec: RunSpec, task, trained, evaluations, dev_batches, chance: float) -> tuple[list[dict], dict]:
+    """Tidy rows and per-example predictions (configuration id -> array) of `trained` evaluated on
+    each (configuration set, budget, configuration) of `evaluations`."""
     label = models.backbone_spec(spec.backbone).label
     metric = TASK_METRICS[task.task_type]
-    rows = []
+    weight_bits = 8 * next(iter(trained.model.full_precision.values())).element_size()
+    rows, predictions = [], {}
     for configuration_set, budget, configuration in evaluations:
-        result = evaluate(trained.load_for(configuration), configuration, dev_batches, task.task_type)
-        key = configuration.digest() if get_method(spec.method).per_configuration else "shared"
+        result = evaluate(trained.load_for(configuration), configuration, dev_batches, task.task_type,
+                          spec.hp.precision)
+        per_configuration = get_method(spec.method).per_configuration and configuration is not None
+        key = configuration.digest() if per_configuration else "shared"
+        cid = FULL_PRECISION if configuration is None else configuration.digest()
+        predictions[cid] = result["per_example"]
         rows.append({
             "method": spec.method, "backbone": spec.backbone, "backbone_label": label,
             "task": spec.task, "task_source": task.source, "stand_in": task.stand_in, "preset": spec.preset,
-            "quantizer": spec.quantizer, "configuration_id": configuration.digest(),
-            "configuration_set": configuration_set,
-            "budget": budget, "avg_bits": configuration.avg_bits,
-            "seen": configuration.digest() in seen, "seed": spec.seed, "metric": metric,
-            "value": result[metric], "loss": result["loss"],
+            "quantizer": spec.quantizer, "configuration_id": cid, "configuration_set": configuration_set,
+            "budget": budget, "avg_bits": weight_bits if configuration is None else configuration.avg_bits,
+            "seen": cid in trained.trained_on, "seed": spec.seed, "metric": metric,
+            "value": result[metric], "loss": result["loss"], "chance": chance,
             "train_seconds": trained.train_seconds[key], "eval_seconds": result["eval_seconds"],
         })
-    return rows
+    return rows, predictions
 
 
-def _execute(spec: RunSpec) -> tuple[pd.DataFrame, dict[str, dict[str, torch.Tensor]], list[dict], list[dict]]:
-    task, tokenizer, model, layout, train_batches, dev_batches = _setup(spec)
+def _execute(spec: RunSpec):
+    task, tokenizer, model, layout, train_batches, dev_batches, chance = _setup(spec)
     search = None
     if spec.search.mode != "frozen":
-        scoring = _batches(task, tokenizer, spec, "train", shuffle=True)  # own generator: train order untouched
+        held_out = _batches(task, tokenizer, spec, "search", shuffle=False)
         search = ConfigurationSearch(spec.search, QuantSpace.named(spec.quantizer), layout,
-                                     fixed_batches(scoring, spec.search.batches), spec.seed)
+                                     fixed_batches(held_out, spec.search.batches), spec.seed)
     trained = train(spec.method, model, training_configurations(spec), train_batches, spec.hp, spec.seed, search)
-    seen = {c.digest() for c in trained.configurations}
     evaluations = [(configuration_set, budget, configuration)
                    for configuration_set, budget, configuration in evaluation_configurations(spec, layout)
-                   if not (configuration_set == "unseen" and configuration.digest() in seen)]  # never trained on
-    rows = _score(spec, task, trained, evaluations, dev_batches, seen)
-    return pd.DataFrame(rows), trained.states, trained.history, [] if search is None else search.to_rows()
+                   if not (configuration_set == "unseen" and configuration.digest() in trained.trained_on)]
+    rows, predictions = _score(spec, task, trained, evaluations, dev_batches, chance)
+    return (pd.DataFrame(rows), predictions, trained.states, trained.history,
+            [] if search is None else search.to_rows())
 
 
 def seen_rows(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
-    """A frozen-search CoA-LoRA run scored on its own training configurations (set "seen"), for
-    Figure 3's seen-vs-unseen panel: the run's target and unseen configurations are never trained on.
-    Reloads the cached adapter (running the experiment first if needed); cached as seen.csv."""
+    """A frozen-search CoA-LoRA run scored on every configuration it trained on (set "seen"), for
+    Figure 3's seen-vs-unseen panel. Reloads the cached adapter (running the experiment first if
+    needed); cached as seen.csv."""
     spec = spec.resolved()
     if spec.method != "coalora" or spec.search.mode != "frozen":
         raise ValueError(f"seen configurations are CoA-LoRA's fixed training set: need method='coalora' and "
@@ -247,14 +280,13 @@ def seen_rows(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
     folder = run_dir(spec)
     if (folder / "seen.csv").exists() and not recompute:
         return _read_rows(folder, spec, "seen.csv")
-    task, _, model, _, _, dev_batches = _setup(spec)
+    task, _, model, _, _, dev_batches, chance = _setup(spec)
     state = load_file(folder / "adapters.safetensors")
     states = {"shared": {name.split("/", 1)[1]: t for name, t in state.items() if name.startswith("shared/")}}
-    configurations = training_configurations(spec)
-    trained = Trained(spec.method, model, configurations, states,
-                      {"shared": float(rows["train_seconds"].iloc[0])})
-    seen = _score(spec, task, trained, [("seen", None, c) for c in configurations], dev_batches,
-                  {c.digest() for c in configurations})
+    configurations = training_configurations(spec)  # frozen: every step drew from exactly these
+    trained = Trained(spec.method, model, configurations, states, {"shared": float(rows["train_seconds"].iloc[0])},
+                      trained_on={c.digest() for c in configurations})
+    seen, _ = _score(spec, task, trained, [("seen", None, c) for c in configurations], dev_batches, chance)
     with atomic_path(folder / "seen.csv") as tmp:
         pd.DataFrame(seen).to_csv(tmp, index=False)
     return _read_rows(folder, spec, "seen.csv")
@@ -268,11 +300,12 @@ def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
         logger.info("cache hit %s (%s %s seed %d)", folder.name, spec.method, spec.task, spec.seed)
         return _read_rows(folder, spec)
     logger.info("running %s (%s %s seed %d)", folder.name, spec.method, spec.task, spec.seed)
-    rows, states, history, search_rows = _execute(spec)
+    rows, predictions, states, history, search_rows = _execute(spec)
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         rows.to_csv(work / "rows.csv", index=False)
+        np.savez_compressed(work / "predictions.npz", **predictions)
         save_file({f"{cfg}/{name}": t.contiguous() for cfg, state in states.items() for name, t in state.items()},
                   work / "adapters.safetensors")
         write_json_atomic(work / "history.json", history)
@@ -287,9 +320,17 @@ def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
     return _read_rows(folder, spec)
 
 
+def predictions(spec: RunSpec) -> dict[str, np.ndarray]:
+    """Per-example results of a run by configuration id (1/0 per dev example, or each dev block's mean
+    token loss), in the dev split's fixed order, so two runs of one task pair example by example.
+    Runs the experiment first if it is not cached."""
+    run_experiment(spec)
+    with np.load(run_dir(spec.resolved()) / "predictions.npz") as data:
+        return {name: data[name] for name in data.files}
+
+
 def _read_rows(folder: Path, spec: RunSpec, name: str = "rows.csv") -> pd.DataFrame:
-    # rows.csv of RUN_VERSION 2 may name the configuration set "kind"; drop this rename at the next bump.
-    rows = pd.read_csv(folder / name).rename(columns={"kind": "configuration_set"})
+    rows = pd.read_csv(folder / name)
     rows.insert(1, "search", spec.search.mode)  # from the spec, the source of truth for what it says
     return rows
 

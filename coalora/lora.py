@@ -39,7 +39,7 @@ from torch import nn
 
 from coalora.configs import Configuration, Layout, QuantSpace
 from coalora.hypernet import ConfigAwareModel, check_layout
-from coalora.models import family_of, lora_target_modules, matrix_layout, quantized_linears
+from coalora.models import family_of, head_modules, lora_target_modules, matrix_layout, quantized_linears
 from coalora.presets import check_task_type
 from coalora.quant import fake_quantize
 
@@ -127,17 +127,20 @@ class CoALoRAModel(nn.Module):
     quantization configuration at a time (`set_configuration`).
 
     Attributes: `peft_model` (the stock peft.PeftModel), `theta` (ConfigAwareModel, or None for plain
-    LoRA), `layout`, `space`, `configuration` (current, None until set), `lora_layers` (matrix name
-    -> PEFT LoRA layer, layout order), `full_precision` (matrix name -> original weight, where it was
-    loaded), `heads` (name -> trained copy of each `modules_to_save` module), `weight_cache`.
+    LoRA), `layout`, `space`, `configuration` (current; None for full precision), `is_set` (whether a
+    configuration or full precision was set), `lora_layers` (matrix name -> PEFT LoRA layer, layout
+    order), `full_precision` (matrix name -> original weight, where it was loaded), `fingerprints`
+    (matrix name -> what identifies that weight in a weight cache shared by several models), `heads`
+    (name -> trained copy of each `modules_to_save` module), `weight_cache`.
     """
 
     def __init__(self, peft_model: PeftModel, layout: Layout, space: QuantSpace, theta: ConfigAwareModel | None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+                 cache: WeightCache | None = None):
         super().__init__()
         self.peft_model, self.theta = peft_model, theta
         self.layout, self.space = layout, space
         self.configuration: Configuration | None = None
+        self.is_set = False
         self.lora_layers = quantized_linears(peft_model)
         if list(self.lora_layers) != list(layout.names):
             raise ValueError(f"the PEFT model's LoRA layers do not match the layout of {layout.backbone!r}")
@@ -146,7 +149,10 @@ class CoALoRAModel(nn.Module):
         self.heads = {name: module.modules_to_save[ADAPTER]
                       for name, module in peft_model.get_base_model().named_modules()
                       if isinstance(module, ModulesToSaveWrapper)}
-        self.weight_cache = WeightCache(cache_bytes)
+        # Equal weights of equally named matrices quantize alike, so models of one backbone can share a cache.
+        self.fingerprints = {name: (layout.backbone, name, tuple(w.shape), float(w.float().sum()))
+                             for name, w in self.full_precision.items()}
+        self.weight_cache = WeightCache() if cache is None else cache
         self._adjustments = _Adjustments()
         self.register_buffer("config_index", None, persistent=False)  # [N, 5], set with the configuration
         if theta is not None:
@@ -155,7 +161,7 @@ class CoALoRAModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         """The PEFT model's forward under the current configuration; theta runs once for all matrices."""
-        if self.configuration is None:
+        if not self.is_set:
             raise RuntimeError("no quantization configuration is set: call "
                                "coalora.lora.set_configuration(model, configuration) before running the model")
         if self.theta is not None:
@@ -164,18 +170,20 @@ class CoALoRAModel(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.configuration
-        current = "none" if c is None else f"{c.digest()} ({c.avg_bits:.3f} bits)"
+        current = "none" if not self.is_set else "full precision" if c is None else f"{c.digest()} ({c.avg_bits:.3f} bits)"
         return f"backbone={self.layout.backbone!r}, matrices={len(self.layout)}, configuration={current}"
 
 
 def build_lora_model(backbone_model: nn.Module, layout: Layout, space: QuantSpace, rank: int = 8, alpha: int = 16,
                      dropout: float = 0.0, config_aware: bool = True, task_type: str = "classification",
-                     cache_bytes: int = DEFAULT_CACHE_BYTES) -> CoALoRAModel:
+                     cache: WeightCache | None = None) -> CoALoRAModel:
     """Wrap `backbone_model` (in place, as `peft.get_peft_model` does) with LoRA of rank `rank` on
     every matrix of `layout`, and with theta when `config_aware`. Call `set_configuration` before use.
 
-    `task_type` "classification" also trains the classification head (PEFT's `modules_to_save`);
-    `cache_bytes` bounds the fake-quantized weight cache.
+    `task_type` "classification" also trains the classification head (PEFT's `modules_to_save`),
+    dense layer and projection (`coalora.models.head_modules`). `cache` holds the fake-quantized
+    weights (default: a cache of this model's own, DEFAULT_CACHE_BYTES); models of one backbone may
+    share one.
     """
     check_task_type(task_type)
     if matrix_layout(backbone_model, layout.backbone) != layout:
@@ -185,14 +193,16 @@ def build_lora_model(backbone_model: nn.Module, layout: Layout, space: QuantSpac
         if type(linear) is not nn.Linear:
             raise ValueError(f"{name!r} is a {type(linear).__name__}; fake quantization needs the full-precision "
                              f"torch.nn.Linear layers of an unquantized backbone")
+    family = family_of(backbone_model)
     config = LoraConfig(task_type=PEFT_TASK_TYPES[task_type], r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=lora_target_modules(family_of(backbone_model)))
+                        target_modules=lora_target_modules(family),
+                        modules_to_save=head_modules(family) if task_type == "classification" else None)
     peft_model = get_peft_model(backbone_model, config)
     theta = None
     if config_aware:
         device = next(backbone_model.parameters()).device
         theta = ConfigAwareModel(layout, space, rank).to(device)
-    model = CoALoRAModel(peft_model, layout, space, theta, cache_bytes)
+    model = CoALoRAModel(peft_model, layout, space, theta, cache)
     log.info("%s r=%d on %d matrices of %s: %d trainable parameters%s",
              "CoA-LoRA" if config_aware else "plain LoRA", rank, len(layout), layout.backbone,
              sum(p.numel() for p in trainable_parameters(model)),
@@ -200,23 +210,34 @@ def build_lora_model(backbone_model: nn.Module, layout: Layout, space: QuantSpac
     return model
 
 
-def set_configuration(model: CoALoRAModel, configuration: Configuration) -> CoALoRAModel:
+def set_configuration(model: CoALoRAModel, configuration: Configuration | None) -> CoALoRAModel:
     """Run `model` under `configuration` from now on: each target base weight becomes
-    fake_quantize(original weight, configuration[name]), taken from the weight cache when there."""
-    check_layout(configuration, model.layout)
-    if model.theta is not None:
-        model.config_index = model.theta.config_index(configuration)  # also checks the space
+    fake_quantize(original weight, configuration[name]), taken from the weight cache when there.
+    `None` runs the unquantized weights (a plain LoRA only: theta needs a configuration)."""
+    if configuration is None:
+        if model.theta is not None:
+            raise ValueError("a configuration-aware model needs a quantization configuration; "
+                             "full precision (None) is for plain LoRA models")
+    else:
+        check_layout(configuration, model.layout)
+        if model.theta is not None:
+            model.config_index = model.theta.config_index(configuration)  # also checks the space
     for name, layer in model.lora_layers.items():
         base = layer.get_base_layer()
-        original, lq, like = model.full_precision[name], configuration[name], base.weight
-        weight = model.weight_cache.get(
-            (name, lq, like.device, like.dtype),
-            lambda: fake_quantize(original.to(like.device), lq).to(like.dtype))
+        original, like = model.full_precision[name], base.weight
+        if configuration is None:
+            weight = original.to(like.device, like.dtype)
+        else:
+            lq = configuration[name]
+            weight = model.weight_cache.get(
+                (model.fingerprints[name], lq, like.device, like.dtype),
+                lambda: fake_quantize(original.to(like.device), lq).to(like.dtype))
         # A new Parameter rather than `.data =`: graphs of earlier forwards keep the weights they used.
         base.weight = nn.Parameter(weight, requires_grad=False)
-    model.configuration = configuration
+    model.configuration, model.is_set = configuration, True
     model._adjustments.rows = None
-    log.debug("configuration %s set (weight cache: %d hits, %d misses, %.1f MiB)", configuration.digest(),
+    log.debug("configuration %s set (weight cache: %d hits, %d misses, %.1f MiB)",
+              "full precision" if configuration is None else configuration.digest(),
               model.weight_cache.hits, model.weight_cache.misses, model.weight_cache.nbytes / 2**20)
     return model
 

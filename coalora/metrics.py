@@ -3,6 +3,7 @@ hypervolume of (average bits, metric) and the accuracy gap to QLoRA."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -20,38 +21,55 @@ TASK_METRICS = {"classification": "accuracy", "causal-lm": "perplexity"}
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, configuration: Configuration, batches: Iterable[Mapping[str, torch.Tensor]],
-             task_type: str) -> dict[str, float]:
-    """Accuracy (classification) or perplexity (causal LM) of `model` under `configuration`.
+def evaluate(model: torch.nn.Module, configuration: Configuration | None,
+             batches: Iterable[Mapping[str, torch.Tensor]], task_type: str, precision: str = "fp32") -> dict:
+    """Accuracy (classification) or perplexity (causal LM) of `model` under `configuration` (None:
+    full precision), with batches moved to the model's device and, for `precision="bf16"`, the
+    forward under bf16 autocast.
 
     Batches carry `labels` (class ids, or the input ids for a causal LM). Perplexity is
     exp(mean token loss) over all batches, weighting each batch by its number of predicted tokens.
-    Returns {metric: value, "loss": mean loss, "eval_seconds": wall-clock seconds}.
+    Returns {metric: value, "loss": mean loss, "eval_seconds": wall-clock seconds, "per_example":
+    one number per example in batch order: 1/0 for a correct/wrong label, or a block's mean token
+    loss}: what paired comparisons resample.
     """
     check_task_type(task_type)
     start = time.perf_counter()
-    if model.configuration != configuration:  # keep weights a caller set up for it (LQ-LoRA)
+    if not model.is_set or model.configuration != configuration:  # keep weights a caller set up (LQ-LoRA)
         lora.set_configuration(model, configuration)
     was_training = model.training
     model.eval()
-    loss_sum, weight, correct, seen = 0.0, 0, 0, 0
-    for batch in tqdm(batches, desc=f"eval {configuration.avg_bits:.2f} bits", leave=False):
-        out = model(**batch)
+    device = next(model.parameters()).device
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+    loss_sum, weight, per_example = 0.0, 0, []
+    name = "full precision" if configuration is None else f"{configuration.avg_bits:.2f} bits"
+    for batch in tqdm(batches, desc=f"eval {name}", leave=False):
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with autocast:
+            out = model(**batch)
         if task_type == "classification":
             n = batch["labels"].numel()
-            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-            seen += n
+            per_example.append((out.logits.argmax(-1) == batch["labels"]).to(torch.float32).cpu())
+            loss_sum += float(out.loss) * n
         else:
             mask = batch.get("attention_mask")
-            n = int(mask[:, 1:].sum()) if mask is not None else batch["labels"][:, 1:].numel()
-        loss_sum += float(out.loss) * n
+            mask = torch.ones_like(batch["labels"]) if mask is None else mask
+            logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
+            token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # [B, L-1]
+            tokens = mask[:, 1:].to(token.dtype)
+            per_example.append(((token * tokens).sum(1) / tokens.sum(1).clamp_min(1)).cpu())
+            n = int(tokens.sum())
+            loss_sum += float((token * tokens).sum())
         weight += n
     model.train(was_training)
     if weight == 0:
         raise ValueError("evaluation got no batches")
     loss = loss_sum / weight
-    value = correct / seen if task_type == "classification" else math.exp(loss)
-    return {TASK_METRICS[task_type]: value, "loss": loss, "eval_seconds": time.perf_counter() - start}
+    per_example = torch.cat(per_example).numpy()
+    value = float(per_example.mean()) if task_type == "classification" else math.exp(loss)
+    return {TASK_METRICS[task_type]: value, "loss": loss, "eval_seconds": time.perf_counter() - start,
+            "per_example": per_example}
 
 
 def hypervolume(bits: Iterable[float], values: Iterable[float], bits_range: tuple[float, float],

@@ -226,6 +226,18 @@ def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module, *_ in _matches(model)}
 
 
+# Besides the `classifier` / `score` module PEFT trains for sequence classification: what makes the
+# trained head a dense layer and a projection, as RoBERTa's (the paper's) is. BERT's classifier is a
+# single projection on top of its pretrained pooler (dense + tanh), so the pooler trains too; RoBERTa
+# and MPNet heads hold both already; Llama and Qwen2 classify with a single projection (`score`).
+_HEAD_MODULES = {"bert": ["pooler"], "roberta": [], "mpnet": [], "llama": [], "qwen2": []}
+
+
+def head_modules(family: str) -> list[str]:
+    """Modules trained with a classification head of `family`, beyond PEFT's `classifier` / `score`."""
+    return list(_HEAD_MODULES[_check_family(family)])
+
+
 def lora_target_modules(family: str) -> list[str]:
     """`LoraConfig(target_modules=...)` suffixes that wrap exactly `quantized_linears` of `family`."""
     return list(_LORA_TARGETS[_check_family(family)])

@@ -31,7 +31,7 @@ class RunSize:
     batch_size: int
     max_length: int  # tokens per sentence, or the block size of a causal LM
     epochs: int
-    pool_size: int  # initial CoA-LoRA training configurations
+    pool_step: float  # bits between the budgets of CoA-LoRA's initial training set
     n_random_unseen: int  # random configurations the methods that train once are also scored on
     n_train: int | None = None  # training sentences, or training token blocks for a causal LM (None: all)
     n_dev: int | None = None  # dev sentences or blocks (None: the whole dev split)
@@ -45,6 +45,7 @@ class Preset:
     backbones: dict[str, str]  # task type -> backbone name (coalora.models.BACKBONES)
     sizes: dict[str, RunSize]  # task type -> run size
     needs_hub: bool
+    precision: str  # training and evaluation arithmetic, coalora.training.PRECISIONS
 
     def backbone(self, task_type: str) -> str:
         return self.backbones[check_task_type(task_type)]
@@ -63,7 +64,7 @@ def _read(path: Path) -> dict[str, Preset]:
     with open(path, "rb") as f:
         table = tomllib.load(f)
     return {name: Preset(name, entry["backbones"], {t: RunSize(**size) for t, size in entry["sizes"].items()},
-                         entry["needs_hub"])
+                         entry["needs_hub"], entry["precision"])
             for name, entry in table.items()}
 
 

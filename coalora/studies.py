@@ -20,7 +20,7 @@ import pandas as pd
 
 from coalora import experiments
 from coalora.experiments import RunSpec, run_dir, run_experiment
-from coalora.methods import METHODS
+from coalora.methods import COMPARED, METHODS
 from coalora.presets import preset as get_preset
 from coalora.repro import atomic_path, package_versions, write_json_atomic
 from coalora.search import SEARCH_MODES
@@ -57,9 +57,10 @@ def paper_table1(task: str | None = None) -> pd.DataFrame:
 
 # ---- runs ----------------------------------------------------------------------------------------
 
-def study_specs(preset: str, task: str, quantizer: str = "nf", methods: Iterable[str] = tuple(METHODS),
+def study_specs(preset: str, task: str, quantizer: str = "nf", methods: Iterable[str] = COMPARED,
                 seeds: Iterable[int] = (0,), **fields) -> list[RunSpec]:
-    """One RunSpec per (method, seed); `fields` (e.g. search="pareto") go to every spec."""
+    """One RunSpec per (method, seed), by default of the compared methods and the full-precision
+    ceiling; `fields` (e.g. search="pareto") go to every spec."""
     return [RunSpec(preset=preset, task=task, method=m, quantizer=quantizer, seed=int(s), **fields)
             for m in methods for s in seeds]
 
@@ -132,7 +133,8 @@ def fine_tuning_time(rows: pd.DataFrame, n_configurations: Sequence[int]) -> pd.
     methods (QLoRA, LQ-LoRA) pay their measured mean seconds per configuration n times; Shared-LoRA
     and CoA-LoRA train once, so their cost is their measured training time for any n."""
     target = rows[rows["configuration_set"] == "target"]
-    per_seed = target.groupby(["method", "seed"]).apply(_training_seconds, include_groups=False)
+    target = target[[not METHODS[m].reference for m in target["method"].astype(str)]]
+    per_seed = target.groupby(["method", "seed"]).apply(run_training_seconds, include_groups=False)
     rows_out = []
     for method, seconds in per_seed.groupby(level="method"):
         once = METHODS[method].trains_once
@@ -143,23 +145,62 @@ def fine_tuning_time(rows: pd.DataFrame, n_configurations: Sequence[int]) -> pd.
     return _in_method_order(pd.DataFrame(rows_out)).sort_values(["method", "n_configurations"]).reset_index(drop=True)
 
 
-def _training_seconds(group: pd.DataFrame) -> float:
+def run_training_seconds(group: pd.DataFrame) -> float:
     """Seconds of one run: per configuration for per-configuration methods, else its one training."""
     if group["train_seconds"].nunique() == 1:                 # one shared training for every row
         return float(group["train_seconds"].iloc[0])
     return float(group.drop_duplicates("configuration_id")["train_seconds"].mean())
 
 
-def hypervolumes(rows: pd.DataFrame, bits_range: tuple[float, float], by: Sequence[str] = ("method", "seed"),
-                 higher_is_better: bool = True) -> pd.DataFrame:
-    """Hypervolume of (average bits, score) over every evaluated configuration, per group."""
+def hypervolumes(rows: pd.DataFrame, bits_range: tuple[float, float],
+                 by: Sequence[str] = ("method", "seed")) -> pd.DataFrame:
+    """Hypervolume of (average bits, score) per group over the target configurations only, which
+    every method is scored on, so every group's point set is the same configurations.
+
+    Bits are normalised over `bits_range` (fewer is better). Accuracy counts over [0, 1]; perplexity
+    on a log scale from 1 (a perfect model) to the vocabulary size (uniform guessing, the rows'
+    `chance`): y = 1 - log(ppl) / log(vocabulary), a fixed reference that no single bad point moves."""
     from coalora.metrics import hypervolume
 
-    value_range = (0.0, 1.0) if higher_is_better else (0.0, float(rows["value"].max()) * 1.1)  # shared by groups
-    out = [{**dict(zip(by, key if isinstance(key, tuple) else (key,))),
-            "hypervolume": hypervolume(g["avg_bits"], g["value"], bits_range, value_range, higher_is_better)}
-           for key, g in rows.groupby(list(by))]
+    target = rows[rows["configuration_set"] == "target"]
+    out = []
+    for key, g in target.groupby(list(by), observed=True):
+        if (g["metric"] == "perplexity").all():
+            y = 1 - np.log(g["value"]) / np.log(g["chance"])
+        else:
+            y = g["value"]
+        out.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))),
+                    "hypervolume": hypervolume(g["avg_bits"], y, bits_range), "n_points": len(g)})
     return pd.DataFrame(out)
+
+
+def references(rows: pd.DataFrame) -> pd.DataFrame:
+    """The reference rows' scores (the full-precision ceiling): mean, std and count over seeds."""
+    ref = rows[rows["configuration_set"] == "reference"]
+    out = (ref.groupby("method").agg(mean=("value", "mean"), std=("value", "std"), n_seeds=("seed", "nunique"),
+                                     avg_bits=("avg_bits", "mean")).reset_index())
+    out["std"] = out["std"].fillna(0.0)
+    return out
+
+
+def per_example(specs: Sequence[RunSpec], configuration_set: str = "target") -> tuple[dict[str, np.ndarray], list]:
+    """Per-example results of each method's runs, paired: method -> [S seeds, K configurations,
+    N examples] (seeds in sorted order, configurations by budget), and the K budgets. Every method
+    must have run the same seeds; the configurations are those of `configuration_set`."""
+    by_method: dict[str, dict[int, np.ndarray]] = {}
+    budgets = None
+    for spec in specs:
+        rows = run_experiment(spec)
+        rows = rows[rows["configuration_set"] == configuration_set].sort_values("budget")
+        predictions = experiments.predictions(spec)
+        by_method.setdefault(spec.method, {})[spec.seed] = np.stack([predictions[c] for c in rows["configuration_id"]])
+        budgets = list(rows["budget"]) if budgets is None else budgets
+    seeds = {tuple(sorted(s)) for s in by_method.values()}
+    if len(seeds) != 1:
+        raise ValueError(f"paired comparisons need the same seeds for every method, got "
+                         f"{ {m: sorted(s) for m, s in by_method.items()} }")
+    order = sorted(next(iter(by_method.values())))
+    return {m: np.stack([runs[s] for s in order]) for m, runs in by_method.items()}, budgets
 
 
 def wide_table(frame: pd.DataFrame, value: str = "mean", decimals: int = 2, scale: float = 100.0) -> pd.DataFrame:

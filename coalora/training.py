@@ -1,26 +1,28 @@
-"""One training engine for CoA-LoRA and its three baselines, on the same backbone, task, quantizer
-and configurations (docs/method.md#training, docs/method.md#baselines):
+"""One training engine for CoA-LoRA, its baselines and its reference rows, on the same backbone, task,
+quantizer, data and steps (docs/method.md#training, docs/method.md#baselines). What each method
+trains is `coalora.methods.METHODS[method].training`:
 
-    coalora  one shared LoRA + theta; every batch runs under K configurations drawn from the
-             training set, losses summed, one AdamW step; after each epoch a `refine` hook (the
-             configuration search, coalora.search) may replace the training set
-    qlora    a fresh LoRA (+ head) trained per configuration
-    lqlora   like qlora, with A, B initialised from the top-r SVD of the quantization residual
-             W - Q(W) (one-shot; `lqlora_iterations > 1` alternates SVD and quantization as LQ-LoRA
-             does, and the base weight becomes Q(W - BA))
-    shared   one LoRA (+ head) trained with a random switch among the configurations at every step
+    per-configuration  a fresh LoRA (+ head) per configuration (QLoRA; LQ-LoRA and LoftQ-init LoRA
+                       start from a low-rank fit of the quantization residual, `low_rank_init`)
+    shared             one LoRA, a random switch among the configurations at every step (Shared-LoRA)
+    pool               one LoRA (+ theta for CoA-LoRA); every batch runs under K configurations drawn
+                       from the training set, losses summed, one AdamW step; after each epoch a
+                       `refine` hook (the configuration search, coalora.search) may replace the set
+    full-precision     one LoRA on the unquantized backbone (the ceiling)
+    none               nothing (the quantized backbone as it is: the floor)
 
-The loop runs through `accelerate`, so the same code runs on CPU here and multi-GPU under
-`accelerate launch`. A padded classification batch runs as length-sorted micro-batches (same loss and
-gradient, fewer padding tokens). Wall-clock seconds are recorded per trained adapter.
+The loop runs through one `accelerate.Accelerator` per call, so the same code runs on CPU here and
+multi-GPU under `accelerate launch`; `HyperParams.precision = "bf16"` runs forward and backward
+under bf16 autocast. A padded classification batch runs as length-sorted micro-batches (same loss
+and gradient, fewer padding tokens). Wall-clock seconds are recorded per trained adapter, and
+every configuration a step trained on is recorded (`Trained.trained_on`).
 """
-
-from __future__ import annotations
 
 import logging
 import math
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -32,14 +34,22 @@ from tqdm.auto import tqdm
 from coalora import lora
 from coalora.configs import Configuration
 from coalora.methods import method as get_method
+from coalora.names import check_name
 from coalora.quant import fake_quantize
 from coalora.repro import seed_everything
 
 logger = logging.getLogger(__name__)
 
-BASE_PREFIX = "base_weight::"  # adapter-state keys of base weights that replace Q(W) (iterative LQ-LoRA)
+INIT_PREFIX = "low_rank_init::"  # adapter-state keys of the low-rank fit an LQ-LoRA base is quantized around
+PRECISIONS = ("fp32", "bf16")
+FULL_PRECISION = "full-precision"  # what `Trained.trained_on` and result rows call the unquantized weights
+# LQ-LoRA alternates until ||W - Q - L|| stops falling, at most 100 times in the original. The error
+# keeps falling slowly for long (MiniLM-L6's first FFN matrix at 2.5 bits: 9.26 after one iteration,
+# 8.62 after 11, 8.53 after 20), so 20 keeps most of the gain at a fifth of the cost.
+MAX_LQLORA_ITERATIONS = 20
+OVERSAMPLING = 10  # randomized SVD: r + 10 random directions, LQ-LoRA's own setting
 
-# refine(epoch, model, pool) -> the training pool for the next epoch (CoA-LoRA only).
+# refine(epoch, model, pool) -> the training pool for the next epoch (methods that train on the pool).
 RefineHook = Callable[[int, torch.nn.Module, list[Configuration]], list[Configuration]]
 
 
@@ -53,17 +63,18 @@ class HyperParams:
     lr: float = 1e-3
     weight_decay: float = 0.01
     epochs: int = 2
-    configs_per_step: int = 2  # K, CoA-LoRA only
+    configs_per_step: int = 2  # K, for the methods that train on the pool
     clip: float = 1.0
-    lqlora_iterations: int = 1
     micro_batches: int = 2  # a padded classification batch runs as this many length-sorted parts
+    precision: str = "fp32"  # "bf16": forward and backward under bf16 autocast (AVX-512 BF16 CPUs, GPUs)
 
     def __post_init__(self):
-        for name in ("rank", "alpha", "epochs", "configs_per_step", "lqlora_iterations", "micro_batches"):
+        for name in ("rank", "alpha", "epochs", "configs_per_step", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        check_name(self.precision, PRECISIONS, "precision")
 
 
 @dataclass
@@ -73,32 +84,34 @@ class Trained:
 
     method: str
     model: torch.nn.Module
-    configurations: list[Configuration]
+    configurations: list[Configuration]  # the training set at the end (CoA-LoRA: after the last search)
     states: dict[str, dict[str, torch.Tensor]]  # configuration digest (or "shared") -> adapter state
     train_seconds: dict[str, float]  # same keys
     history: list[dict] = field(default_factory=list)  # per epoch: loss, pool (CoA-LoRA)
+    trained_on: set[str] = field(default_factory=set)  # digests of every configuration a step trained on
 
-    def load_for(self, configuration: Configuration) -> torch.nn.Module:
-        """Switch the model to `configuration` and load the adapter trained for it."""
-        key = configuration.digest() if get_method(self.method).per_configuration else "shared"
+    def load_for(self, configuration: Configuration | None) -> torch.nn.Module:
+        """Switch the model to `configuration` (None: full precision) and load the adapter trained for it."""
+        per_configuration = get_method(self.method).per_configuration
+        key = configuration.digest() if per_configuration and configuration is not None else "shared"
         if key not in self.states:
-            raise ValueError(f"{self.method} has no adapter for configuration {key} "
-                             f"({configuration.avg_bits:.3f} bits); it was trained for "
+            bits = "full precision" if configuration is None else f"{configuration.avg_bits:.3f} bits"
+            raise ValueError(f"{self.method} has no adapter for configuration {key} ({bits}); it was trained for "
                              f"{', '.join(c.digest() for c in self.configurations)}")
         state = self.states[key]
         lora.set_configuration(self.model, configuration)
-        lora.load_adapter_state(self.model, {k: v for k, v in state.items() if not k.startswith(BASE_PREFIX)})
-        for k, weight in state.items():
-            if k.startswith(BASE_PREFIX):
-                lora.override_base_weight(self.model, k[len(BASE_PREFIX):], weight)
+        lora.load_adapter_state(self.model, {k: v for k, v in state.items() if not k.startswith(INIT_PREFIX)})
+        if any(k.startswith(INIT_PREFIX) for k in state):
+            _quantize_around(self.model, configuration, {k[len(INIT_PREFIX):]: v for k, v in state.items()
+                                                         if k.startswith(INIT_PREFIX)})
         return self.model
 
 
 def micro_batches(batch: dict, k: int) -> list[tuple[float, dict]]:
     """(share of the batch, part) for k length-sorted parts of a padded classification batch, each
     trimmed to its own longest sentence. The share-weighted sum of the parts' mean losses is the
-    batch's mean loss, for about half the tokens (bench/padding.py: 48 % of a default batch is
-    padding). Batches without padding, or with per-token labels (causal LM, whose loss is a mean
+    batch's mean loss, for about half the tokens (48 % of a default batch is padding:
+    docs/measurements.md#padding-and-micro-batches). Batches without padding, or with per-token labels (causal LM, whose loss is a mean
     over tokens), stay whole."""
     mask = batch.get("attention_mask")
     if k == 1 or mask is None or bool(mask.all()) or batch["labels"].dim() != 1:
@@ -123,14 +136,15 @@ def _backward(model, accelerator: Accelerator, parts: list[tuple[float, dict]]) 
     return total
 
 
-def _run_epochs(model, batches: DataLoader, hp: HyperParams, pick: Callable[[], Sequence[Configuration]],
-                desc: str, on_epoch_end: Callable[[int], None] | None = None) -> list[dict]:
-    """The shared loop: per batch, sum the loss over the configurations `pick()` returns, clip,
-    step. Returns per-epoch mean losses."""
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    params = lora.trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-    model, optimizer, batches = accelerator.prepare(model, optimizer, batches)
+def _run_epochs(model, accelerator: Accelerator, batches: DataLoader, hp: HyperParams,
+                pick: Callable[[], Sequence[Configuration | None]], desc: str, trained_on: set[str],
+                on_epoch_end: Callable[[int], None] | None = None) -> list[dict]:
+    """The shared loop: per batch, sum the loss over the configurations `pick()` returns (None: full
+    precision), clip, step. `model` and `batches` come prepared by `accelerator`; the optimizer is
+    new. Adds every configuration trained on to `trained_on`. Returns per-epoch mean losses."""
+    inner = accelerator.unwrap_model(model)
+    params = lora.trainable_parameters(inner)
+    optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay))
     history = []
     for epoch in range(hp.epochs):
         model.train()
@@ -139,9 +153,9 @@ def _run_epochs(model, batches: DataLoader, hp: HyperParams, pick: Callable[[], 
             optimizer.zero_grad(set_to_none=True)
             parts = micro_batches(batch, hp.micro_batches)  # once per batch, shared by its K configurations
             for configuration in pick():
-                inner = accelerator.unwrap_model(model)
-                if inner.configuration is not configuration:  # keeps LQ-LoRA's Q(W - BA) base
-                    lora.set_configuration(inner, configuration)
+                if inner.configuration is not configuration or configuration is None:
+                    lora.set_configuration(inner, configuration)  # identity check keeps an LQ-LoRA base
+                trained_on.add(FULL_PRECISION if configuration is None else configuration.digest())
                 total, count = total + _backward(model, accelerator, parts), count + 1
             accelerator.clip_grad_norm_(params, hp.clip)
             optimizer.step()
@@ -151,43 +165,107 @@ def _run_epochs(model, batches: DataLoader, hp: HyperParams, pick: Callable[[], 
     return history
 
 
-def lqlora_init_(model: torch.nn.Module, configuration: Configuration, hp: HyperParams) -> None:
-    """Initialise every LoRA so that Q + s*B@A approximates W (LQ-LoRA; docs/method.md#baselines).
+# ---- low-rank initialisation: LQ-LoRA and LoftQ ------------------------------------------------------
 
-    One-shot (iterations=1): B A = top-r SVD of W - Q(W) / s, base stays Q(W).
-    Iterative: L <- SVD_r(W - Q), Q <- quantize(W - L), repeated; the base weight becomes that Q.
+# (backbone, matrix, LayerQuant, rank, init, fingerprint of W) -> (B [out, r], A [r, in]) with B A ~ L:
+# the fit depends only on the weight and its quantization, so every seed and run of a process shares it.
+_LOW_RANK: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_LOW_RANK_ENTRIES = 4096  # about 20 configurations of a 200-matrix model; a few MB at r = 8
+
+
+def _svd_r(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r factors B [out, r], A [r, in] of `matrix` from its randomized truncated SVD (seeded,
+    and on an RNG stream of its own, so it changes no other random number)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        u, s, v = torch.svd_lowrank(matrix, q=min(rank + OVERSAMPLING, *matrix.shape), niter=2)
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * v[:, :rank].T
+
+
+def low_rank_fit(weight: torch.Tensor, lq, rank: int, init: str) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Factors B, A of a rank-r L with Q + L ~ W, and ||W - Q - L||_F after each iteration.
+
+    "loftq" (LoftQ's order, one shot): Q = quant(W), then L = SVD_r(W - Q).
+    "lqlora" (LQ-LoRA's order): Q starts at 0; L = SVD_r(W - Q), Q = quant(W - L), repeated while the
+    error falls (at most MAX_LQLORA_ITERATIONS); the factors of the lowest error are returned, so the
+    fit never ends worse than its first iteration. Q is then quant(W - B A), recomputed where needed.
     """
-    scaling = hp.alpha / hp.rank
-    for name, layer in model.lora_layers.items():
-        weight = model.full_precision[name].float()
-        lq = configuration[name]
-        low_rank = torch.zeros_like(weight)
-        for _ in range(hp.lqlora_iterations):
-            base = fake_quantize(weight - low_rank, lq)
-            u, s, vh = torch.linalg.svd(weight - base, full_matrices=False)
-            root = s[: hp.rank].sqrt()
-            b, a = u[:, : hp.rank] * root, root[:, None] * vh[: hp.rank]  # [out, r], [r, in]
-            low_rank = b @ a
-        lora.set_lora_factors(layer, a / math.sqrt(scaling), b / math.sqrt(scaling))
-        if hp.lqlora_iterations > 1:
-            lora.override_base_weight(model, name, base)
+    weight = weight.detach().float()
+    if init == "loftq":
+        base = fake_quantize(weight, lq)
+        b, a = _svd_r(weight - base, rank)
+        return b, a, [float(torch.linalg.norm(weight - base - b @ a))]
+    if init != "lqlora":
+        raise ValueError(f"unknown low-rank initialisation {init!r}; valid: 'lqlora', 'loftq'")
+    base, errors, best = torch.zeros_like(weight), [], None
+    for _ in range(MAX_LQLORA_ITERATIONS):
+        b, a = _svd_r(weight - base, rank)
+        base = fake_quantize(weight - b @ a, lq)
+        error = float(torch.linalg.norm(weight - base - b @ a))
+        if errors and error >= min(errors):
+            errors.append(error)
+            break
+        errors.append(error)
+        best = (b, a)
+    return best[0], best[1], errors
 
+
+def _cached_fit(model, name: str, lq, rank: int, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = model.full_precision[name]
+    key = (model.layout.backbone, name, lq, rank, init, float(weight.float().sum()), tuple(weight.shape))
+    if key not in _LOW_RANK:
+        _LOW_RANK[key] = low_rank_fit(weight, lq, rank, init)[:2]
+        while len(_LOW_RANK) > _LOW_RANK_ENTRIES:
+            _LOW_RANK.popitem(last=False)
+    _LOW_RANK.move_to_end(key)
+    return _LOW_RANK[key]
+
+
+def _quantize_around(model, configuration: Configuration, fits: dict[str, torch.Tensor]) -> None:
+    """Base weights quant(W - B0 A0) from the stored low-rank fits (LQ-LoRA's order), for the current
+    configuration only: the next `set_configuration` restores the plain quantized weights."""
+    for name in model.lora_layers:
+        low_rank = fits[f"{name}::b"].float() @ fits[f"{name}::a"].float()
+        weight = model.full_precision[name].float()
+        lora.override_base_weight(model, name, fake_quantize(weight - low_rank, configuration[name]))
+
+
+def low_rank_init_(model, configuration: Configuration, hp: HyperParams, init: str) -> dict[str, torch.Tensor]:
+    """Initialise every LoRA so that Q + s B A approximates W (docs/method.md#baselines), and for
+    LQ-LoRA make the base weights quant(W - s B A). Returns the fits to store with the adapter."""
+    scaling = hp.alpha / hp.rank
+    fits = {}
+    for name, layer in model.lora_layers.items():
+        b, a = _cached_fit(model, name, configuration[name], hp.rank, init)
+        lora.set_lora_factors(layer, a / math.sqrt(scaling), b / math.sqrt(scaling))
+        fits[f"{name}::b"], fits[f"{name}::a"] = b, a
+    if init == "lqlora":
+        _quantize_around(model, configuration, fits)
+        return {INIT_PREFIX + k: v.clone() for k, v in fits.items()}
+    return {}
+
+
+# ---- the engine --------------------------------------------------------------------------------------
 
 def train(method: str, model: torch.nn.Module, configurations: Sequence[Configuration], batches: DataLoader,
           hp: HyperParams = HyperParams(), seed: int = 0, refine: RefineHook | None = None) -> Trained:
-    """Train `method` on `model` (a `coalora.lora.build_lora_model` model, config-aware for
-    "coalora") for the given configurations and return the trained adapters with their timings.
-    `refine` (CoA-LoRA only) replaces the training set after each epoch."""
+    """Train `method` on `model` (a `coalora.lora.build_lora_model` model, config-aware for methods
+    with theta) for the given configurations and return the trained adapters with their timings.
+    `refine` (methods that train on the pool) replaces the training set after each epoch."""
     spec = get_method(method)
     configurations = list(configurations)
-    if not configurations:
+    if not configurations and spec.training not in ("full-precision", "none"):
         raise ValueError(f"{method} needs at least one training configuration, got none")
-    if spec.config_aware != (model.theta is not None):
-        raise ValueError(f"method {method!r} needs a model built with config_aware={spec.config_aware}")
-    if refine is not None and not spec.config_aware:
+    if spec.theta != (model.theta is not None):
+        raise ValueError(f"method {method!r} needs a model built with config_aware={spec.theta}")
+    if refine is not None and spec.training != "pool":
         raise ValueError(f"a configuration search only refines CoA-LoRA's training set, not {method!r}'s")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision="bf16" if hp.precision == "bf16" else "no")
+    prepared, batches = accelerator.prepare(model, batches)
     initial = lora.adapter_state(model)
-    states, seconds = {}, {}
+    states, seconds, trained_on = {}, {}, set()
     history: list[dict] = []
 
     if spec.per_configuration:
@@ -196,22 +274,24 @@ def train(method: str, model: torch.nn.Module, configurations: Sequence[Configur
             lora.load_adapter_state(model, initial)
             start = time.perf_counter()
             lora.set_configuration(model, configuration)
-            if method == "lqlora":
-                lqlora_init_(model, configuration, hp)
-            epochs = _run_epochs(model, batches, hp, lambda: [configuration], f"{method} {configuration.avg_bits:.2f}b")
+            fits = {} if spec.init == "default" else low_rank_init_(model, configuration, hp, spec.init)
+            epochs = _run_epochs(prepared, accelerator, batches, hp, lambda: [configuration],
+                                 f"{method} {configuration.avg_bits:.2f}b", trained_on)
             key = configuration.digest()
             seconds[key] = time.perf_counter() - start
-            states[key] = lora.adapter_state(model)
-            if method == "lqlora" and hp.lqlora_iterations > 1:
-                states[key].update({BASE_PREFIX + name: layer.get_base_layer().weight.detach().clone()
-                                    for name, layer in model.lora_layers.items()})
+            states[key] = lora.adapter_state(model) | fits
             history += [{"configuration": key, **e} for e in epochs]
-        return Trained(method, model, configurations, states, seconds, history)
+        return Trained(method, model, configurations, states, seconds, history, trained_on)
 
     seed_everything(seed)
+    if spec.training == "none":
+        return Trained(method, model, configurations, {"shared": initial}, {"shared": 0.0}, [], trained_on)
     rng = random.Random(seed)
     pool = list(configurations)
-    if method == "shared":
+    if spec.training == "full-precision":
+        def pick():
+            return [None]
+    elif spec.training == "shared":
         def pick():
             return [rng.choice(pool)]
     else:
@@ -226,9 +306,11 @@ def train(method: str, model: torch.nn.Module, configurations: Sequence[Configur
         history.append({"epoch": epoch, "pool": [c.digest() for c in pool]})
 
     start = time.perf_counter()
-    epochs = _run_epochs(model, batches, hp, pick, method, end_epoch if spec.config_aware else None)
+    epochs = _run_epochs(prepared, accelerator, batches, hp, pick, method, trained_on,
+                         end_epoch if spec.training == "pool" else None)
     seconds["shared"] = time.perf_counter() - start
     states["shared"] = lora.adapter_state(model)
     for row, extra in zip(epochs, history or [{}] * len(epochs)):
         row.update(extra)
-    return Trained(method, model, pool if spec.config_aware else configurations, states, seconds, epochs)
+    return Trained(method, model, pool if spec.training == "pool" else configurations, states, seconds, epochs,
+                   trained_on)

@@ -10,15 +10,18 @@ from coalora.presets import RunSize
 from coalora.search import SearchConfig
 from coalora.training import HyperParams
 
-TINY = RunSize(n_train=16, n_dev=16, batch_size=8, max_length=16, epochs=1, pool_size=3, n_random_unseen=1)
+TINY = RunSize(n_train=16, n_dev=16, batch_size=8, max_length=16, epochs=1, pool_step=2.5, n_random_unseen=1)
 COLUMNS = ["method", "search", "backbone", "backbone_label", "task", "task_source", "stand_in", "preset", "quantizer",
            "configuration_id", "configuration_set", "budget", "avg_bits", "seen", "seed", "metric", "value", "loss",
-           "train_seconds", "eval_seconds"]
+           "chance", "train_seconds", "eval_seconds"]
 
 
 def spec(method: str = "coalora", **kwargs) -> RunSpec:
-    return RunSpec(preset="smoke", task="sst2", method=method, eval_budgets=(3.0,), unseen_budgets=(3.5,),
-                   size=TINY, hp=HyperParams(epochs=1), **kwargs)
+    """A run of seconds: 16 sentences, one epoch, a pool of 2.25 / 3.0 / 4.75 / 7.25 bits (every step
+    trains on all of it), plain-error ILP."""
+    fields = {"eval_budgets": (3.0,), "unseen_budgets": (3.5,), "size": TINY,
+              "hp": HyperParams(epochs=1, configs_per_step=8), "weighting": "error"}
+    return RunSpec(preset="smoke", task="sst2", method=method, **(fields | kwargs))
 
 
 @pytest.fixture
@@ -36,11 +39,16 @@ def test_run_writes_tidy_rows_and_caches(method, runs_in_tmp, monkeypatch):
     assert rows["task_source"].str.contains("stand-in for GLUE SST-2").all()
     assert rows["backbone_label"].str.contains("stands in for RoBERTa-Large").all()
     assert ((rows["value"] >= 0) & (rows["value"] <= 1)).all() and (rows["metric"] == "accuracy").all()
-    if method == "coalora":
-        assert not rows.loc[rows["configuration_set"] == "unseen", "seen"].any()
+    assert rows.loc[rows["configuration_set"] == "target", "seen"].all()  # CoA-LoRA's pool holds the targets
+    assert not rows.loc[rows["configuration_set"] == "unseen", "seen"].any()
+    assert (rows["chance"] == 0.5).all()
     folder = runs_in_tmp / spec(method).key()
-    assert {p.name for p in folder.iterdir()} == {"rows.csv", "adapters.safetensors", "history.json",
-                                                  "provenance.json", "search.csv"}
+    assert {p.name for p in folder.iterdir()} == {"rows.csv", "predictions.npz", "adapters.safetensors",
+                                                  "history.json", "provenance.json", "search.csv"}
+    predictions = experiments.predictions(spec(method))
+    assert set(predictions) == set(rows["configuration_id"])
+    for cid, value in zip(rows["configuration_id"], rows["value"]):
+        assert predictions[cid].shape == (TINY.n_dev,) and predictions[cid].mean() == pytest.approx(value)
 
     def boom(_spec):
         raise AssertionError("a cached run must not be recomputed")
@@ -112,6 +120,7 @@ def test_pareto_search_run_records_its_rounds(runs_in_tmp):
     assert rounds["loss"].notna().all()
     assert pareto.key() != spec("coalora").key()
     assert spec("coalora").key() == spec("coalora", search=SearchConfig(steps=99)).key()  # frozen ignores knobs
+    assert spec("coalora").key() != spec("coalora", search=SearchConfig(batches=3)).key()  # but not the slice
     assert spec("coalora", search="pareto").search == SearchConfig("pareto")  # a mode is a SearchConfig
 
 
@@ -121,10 +130,8 @@ def test_search_needs_coalora():
 
 
 def test_seen_rows_reload_the_trained_adapter_and_score_its_training_set(runs_in_tmp):
-    """The pool's budgets (2.25, 4.75, 7.25 for 3 configurations) as evaluation budgets make the targets
-    training configurations, so the reloaded adapter must reproduce the run's own scores exactly."""
-    run = RunSpec(preset="smoke", task="sst2", method="coalora", eval_budgets=(4.75, 7.25), unseen_budgets=(3.5,),
-                  size=TINY, hp=HyperParams(epochs=1))
+    """The targets are in the training set, so the reloaded adapter must reproduce the run's own scores."""
+    run = spec("coalora", eval_budgets=(3.0, 4.0))
     rows = run_experiment(run)
     assert rows.loc[rows["configuration_set"] == "target", "seen"].all()
     seen = experiments.seen_rows(run)
@@ -141,7 +148,7 @@ def test_seen_rows_reload_the_trained_adapter_and_score_its_training_set(runs_in
 
 def test_searched_run_trains_its_first_epoch_exactly_like_its_frozen_twin(runs_in_tmp):
     """The search's scoring batches must not advance the training loader's shuffle generator, so an
-    ablation compares search modes on the same data order; the key also moves with SEARCH_VERSION."""
+    ablation compares search modes on the same data order."""
     import json
     frozen, random = spec("coalora"), spec("coalora", search="random")
     run_experiment(frozen), run_experiment(random)
@@ -149,9 +156,50 @@ def test_searched_run_trains_its_first_epoch_exactly_like_its_frozen_twin(runs_i
     assert first[0] == first[1]
 
 
+def test_the_pool_holds_the_targets_and_seen_is_exactly_what_was_trained_on():
+    run = spec("coalora", eval_budgets=(2.5, 3.0, 3.5, 4.0)).resolved()
+    pool = {c.digest() for c in experiments.training_configurations(run)}
+    layout = experiments.training_configurations(run)[0].layout
+    targets = {c.digest() for role, _, c in experiments.evaluation_configurations(run, layout) if role == "target"}
+    assert len(targets) == 4
+    assert targets <= pool and len(pool) >= 4 + 3  # the grid 2.25, 4.75, 7.25 and the four targets
+    qlora = spec("qlora", eval_budgets=(2.5, 3.0, 3.5, 4.0)).resolved()
+    assert {c.digest() for c in experiments.training_configurations(qlora)} == targets
+
+
+def test_seen_marks_trained_on_configurations_not_the_last_pool(runs_in_tmp, monkeypatch):
+    """A search that proposes configurations after the last epoch leaves them in the final pool
+    untrained: they are not seen. One that drops a trained configuration keeps it seen."""
+    from coalora import training
+
+    real = training.train
+    trained_pool = {}
+
+    def spy(method, model, configurations, batches, hp, seed, refine=None):
+        trained = real(method, model, configurations, batches, hp, seed, refine)
+        trained_pool["trained_on"] = set(trained.trained_on)
+        trained_pool["final"] = {c.digest() for c in trained.configurations}
+        return trained
+    monkeypatch.setattr(experiments, "train", spy)
+    rows = run_experiment(spec("coalora", search="random", eval_budgets=(3.0,), unseen_budgets=(2.5, 3.5)))
+    assert trained_pool["final"] - trained_pool["trained_on"]  # the last search's proposals: never trained on
+    for cid, seen in zip(rows["configuration_id"], rows["seen"]):
+        assert seen == (cid in trained_pool["trained_on"])
+
+
+def test_search_scores_on_a_held_out_slice_no_method_trains_on():
+    run = spec("coalora", search=SearchConfig("pareto", batches=1)).resolved()
+    task, tokenizer, *_ = experiments._setup(run)
+    texts = lambda loader: {tokenizer.decode(ids, skip_special_tokens=True) for b in loader for ids in b["input_ids"]}
+    held_out = texts(experiments._batches(task, tokenizer, run, "search", shuffle=False))
+    trained = texts(experiments._batches(task, tokenizer, run, "train", shuffle=True))
+    assert len(held_out) == run.search.batches * TINY.batch_size and len(trained) == TINY.n_train
+    assert not held_out & trained
+
+
 def test_evaluation_batches_are_length_sorted_and_cover_the_dev_split():
     run = spec("qlora").resolved()
-    task, tokenizer, _, _, _, dev = experiments._setup(run)
+    task, tokenizer, _, _, _, dev, _ = experiments._setup(run)
     lengths = [int(n) for batch in dev for n in batch["attention_mask"].sum(dim=1)]
     assert lengths == sorted(lengths) and len(set(lengths)) > 1
     expected = experiments.tokenize_classification(task.dev.shuffle(seed=0).select(range(TINY.n_dev)), tokenizer,

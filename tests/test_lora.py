@@ -114,6 +114,9 @@ def test_trainable_parameters(family, task_type, config_aware):
     expected += list(model.theta.parameters()) if config_aware else []
     assert trainable == {id(p) for p in expected}
     assert bool(model.heads) == (task_type == "classification")
+    if task_type == "classification":  # a dense layer and a projection, as RoBERTa's head
+        names = {name.split(".")[-1] for name in model.heads}
+        assert names == ({"pooler", "classifier"} if family == "bert" else {"score"})
 
 
 # ---- forward ----------------------------------------------------------------------------------------
@@ -186,11 +189,39 @@ def test_switching_back_does_not_requantize(count_quantizations):
     assert (model.weight_cache.hits, model.weight_cache.misses, len(model.weight_cache)) == (2 * n, 2 * n, 2 * n)
 
 
+def test_models_of_one_backbone_share_a_cache_and_never_mix_up_weights(count_quantizations):
+    shared = lora.WeightCache()
+    first, _ = build("bert", "classification", cache=shared)
+    second, _ = build("bert", "classification", config_aware=False, cache=shared)
+    n = len(first.layout)
+    lora.set_configuration(first, uniform(first, LOW))
+    lora.set_configuration(second, uniform(second, LOW))  # the same weights: all from the cache
+    assert len(count_quantizations) == n and shared.hits == n
+    backbone = tiny_backbone("bert", "classification")
+    with torch.no_grad():  # other weights under the same names: quantized afresh, never served stale
+        for linear in models.quantized_linears(backbone).values():
+            linear.weight.add_(1.0)
+    other = lora.build_lora_model(backbone, first.layout, NF, cache=shared)
+    lora.set_configuration(other, uniform(other, LOW))
+    assert len(count_quantizations) == 2 * n
+
+
+def test_full_precision_runs_the_original_weights_for_plain_lora_only():
+    model, twin = build("bert", "classification", config_aware=False)
+    lora.set_configuration(model, None)
+    assert model.is_set and model.configuration is None
+    for name, layer in model.lora_layers.items():
+        assert torch.equal(layer.get_base_layer().weight, dict(twin.named_modules())[name].weight)
+    aware, _ = build("bert", "classification")
+    with pytest.raises(ValueError, match="needs a quantization configuration"):
+        lora.set_configuration(aware, None)
+
+
 def test_cache_budget_smaller_than_one_configuration(count_quantizations):
     reference, _ = build("bert", "classification")
     one_matrix = max(w.numel() * w.element_size() for w in reference.full_precision.values())
     for budget in (0, one_matrix):
-        model, _ = build("bert", "classification", cache_bytes=budget)
+        model, _ = build("bert", "classification", cache=lora.WeightCache(budget))
         for m in (model, reference):
             perturb_(m)
         ids = tokens()

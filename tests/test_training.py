@@ -7,11 +7,12 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, BertConfig
 
 from coalora import lora, models
+from coalora.allocation import allocate
 from coalora.configs import Configuration, LayerQuant, QuantSpace
+from coalora.methods import METHODS
 from coalora.metrics import evaluate
 from coalora.quant import fake_quantize
-from coalora.methods import METHODS
-from coalora.training import HyperParams, micro_batches, train
+from coalora.training import MAX_LQLORA_ITERATIONS, HyperParams, low_rank_fit, micro_batches, train
 
 NF = QuantSpace.nf()
 VOCAB = 32
@@ -62,12 +63,16 @@ def tiny_model(config_aware: bool, dropout: float = 0.1):
 HP = HyperParams(rank=4, lr=3e-3, epochs=8, weight_decay=0.0)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_each_method_lowers_the_loss(method):
-    model, configs = tiny_model(config_aware=method == "coalora")
+TRAINED = [m for m in METHODS if METHODS[m].training != "none"]
+
+
+@pytest.mark.parametrize("method", TRAINED)
+def test_each_method_lowers_the_loss_and_records_what_it_trained_on(method):
+    spec = METHODS[method]
+    model, configs = tiny_model(config_aware=spec.theta)
     trained = train(method, model, configs, toy_batches(), HP, seed=0)
     history = trained.history
-    if method in ("qlora", "lqlora"):
+    if spec.per_configuration:
         assert len(trained.states) == len(configs) == len(trained.train_seconds)
         for c in configs:
             losses = [h["loss"] for h in history if h["configuration"] == c.digest()]
@@ -76,9 +81,29 @@ def test_each_method_lowers_the_loss(method):
         assert list(trained.states) == ["shared"]
         assert history[-1]["loss"] < history[0]["loss"], history
     assert all(s > 0 for s in trained.train_seconds.values())
-    for c in configs:  # every trained configuration can be served and evaluated
+    served = [None] if spec.training == "full-precision" else configs
+    assert trained.trained_on == ({"full-precision"} if served == [None] else {c.digest() for c in configs})
+    for c in served:  # every trained configuration can be served and evaluated
         result = evaluate(trained.load_for(c), c, toy_batches(2, seed=1), "classification")
         assert 0.0 <= result["accuracy"] <= 1.0 and result["eval_seconds"] > 0
+        assert result["per_example"].shape == (32,) and result["accuracy"] == result["per_example"].mean()
+
+
+def test_no_adapter_trains_nothing_and_serves_the_quantized_backbone():
+    model, configs = tiny_model(config_aware=False)
+    before = lora.adapter_state(model)
+    trained = train("no-adapter", model, configs, toy_batches(), HP, seed=0)
+    assert trained.train_seconds == {"shared": 0.0} and not trained.trained_on and trained.history == []
+    assert all(torch.equal(before[k], v) for k, v in trained.states["shared"].items())
+
+
+def test_pool_training_samples_k_configurations_per_step_with_and_without_theta():
+    for method, aware in (("coalora", True), ("coalora-no-theta", False)):
+        model, configs = tiny_model(config_aware=aware, dropout=0.0)
+        calls = []
+        model.peft_model.get_input_embeddings().register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        train(method, model, configs, toy_batches(3), HyperParams(rank=4, epochs=1, configs_per_step=2), seed=0)
+        assert len(calls) == 3 * 2, method  # batches x K
 
 
 def test_micro_batches_are_length_sorted_trimmed_and_cover_the_batch():
@@ -131,31 +156,47 @@ def test_per_configuration_adapters_differ_and_are_restored():
     assert all(torch.equal(p, first[n]) for n, p in model.named_parameters() if p.requires_grad)
 
 
-def test_lqlora_starts_closer_to_the_full_precision_weight():
+@pytest.mark.parametrize("method", ["lqlora", "loftq"])
+def test_low_rank_inits_start_closer_to_the_full_precision_weight(method):
     model, configs = tiny_model(config_aware=False)
     name = next(iter(model.lora_layers))
-    trained = train("lqlora", model, configs[:1], toy_batches(1), HyperParams(rank=4, lr=1e-9, epochs=1), seed=0)
+    trained = train(method, model, configs[:1], toy_batches(1), HyperParams(rank=4, lr=1e-9, epochs=1), seed=0)
     trained.load_for(configs[0])
     layer = model.lora_layers[name]
     weight = model.full_precision[name]
     scaling = HP.alpha / HP.rank
     delta = scaling * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
     base = layer.get_base_layer().weight
-    assert torch.linalg.norm(weight - base - delta) < 0.9 * torch.linalg.norm(weight - base)
+    plain = fake_quantize(weight, configs[0][name])
+    assert torch.linalg.norm(weight - base - delta) < 0.9 * torch.linalg.norm(weight - plain)
+    assert torch.equal(base, plain) == (method == "loftq")  # LQ-LoRA's base is quant(W - L), LoftQ's quant(W)
 
 
-def test_iterative_lqlora_base_weight_survives_evaluation():
+def test_lqlora_base_weight_survives_evaluation_and_reloads_from_the_stored_fit():
     model, configs = tiny_model(config_aware=False)
-    hp = HyperParams(rank=4, lr=1e-9, epochs=1, lqlora_iterations=3)
-    trained = train("lqlora", model, configs[2:], toy_batches(1), hp, seed=0)
+    trained = train("lqlora", model, configs[:1], toy_batches(1), HyperParams(rank=4, lr=1e-9, epochs=1), seed=0)
     name = next(iter(model.lora_layers))
-    trained.load_for(configs[2])
-    evaluate(model, configs[2], toy_batches(1), "classification")
-    iterative = model.lora_layers[name].get_base_layer().weight
-    plain = fake_quantize(model.full_precision[name], configs[2][name])
-    assert not torch.equal(iterative, plain)  # Q(W - BA), not Q(W)
-    stored = trained.states[configs[2].digest()]["base_weight::" + name]
-    assert torch.equal(iterative, stored)
+    trained.load_for(configs[0])
+    evaluate(model, configs[0], toy_batches(1), "classification")
+    base = model.lora_layers[name].get_base_layer().weight.clone()
+    assert not torch.equal(base, fake_quantize(model.full_precision[name], configs[0][name]))
+    lora.set_configuration(model, configs[1])  # away and back: the base is rebuilt from the stored fit
+    trained.load_for(configs[0])
+    assert torch.equal(model.lora_layers[name].get_base_layer().weight, base)
+
+
+def test_lqlora_stops_when_its_error_stops_falling_on_real_minilm_weights(minilm_weights):
+    """LQ-LoRA's order (L from W - Q with Q = 0 first, then Q = quant(W - L)) never ends on a larger
+    ||W - Q - L|| than its first iteration; LoftQ's one-shot order is reported beside it."""
+    lq = allocate("minilm-l6", 2.5)["bert.encoder.layer.0.intermediate.dense"]
+    weight = minilm_weights["encoder.layer.0.intermediate.dense"]
+    b, a, errors = low_rank_fit(weight, lq, 8, "lqlora")
+    final = float(torch.linalg.norm(weight - fake_quantize(weight - b @ a, lq) - b @ a))
+    assert final == pytest.approx(min(errors)) and final <= errors[0]
+    assert len(errors) < MAX_LQLORA_ITERATIONS or errors == sorted(errors, reverse=True)
+    *_, (loftq,) = low_rank_fit(weight, lq, 8, "loftq")
+    print(f"||W - Q - L||: LQ-LoRA order {errors} (kept {final:.3f}), LoftQ order {loftq:.3f}")
+    assert final < float(torch.linalg.norm(weight - fake_quantize(weight, lq)))
 
 
 def test_search_hook_refines_the_coalora_pool():
@@ -173,7 +214,7 @@ def test_search_hook_refines_the_coalora_pool():
 
 
 @pytest.mark.parametrize(("method", "config_aware", "message"), [
-    ("lora", False, "unknown method 'lora'; valid methods: qlora, lqlora, shared, coalora"),
+    ("lora", False, "unknown method 'lora'; valid methods: qlora, lqlora, loftq, shared"),
     ("coalora", False, "needs a model built with config_aware=True"),
     ("qlora", True, "needs a model built with config_aware=False"),
 ])

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from coalora import assets, models
 from coalora.configs import Configuration, LayerQuant, Layout, MatrixSpec, QuantSpace
 from coalora.names import check_name
+from coalora.presets import preset as get_preset
 from coalora.quant import double_quantize_scales, snap_to_code, to_blocks
 from coalora.repro import atomic_path
 
@@ -283,7 +284,8 @@ def cost_table(backbone: str, space: QuantSpace | str = "nf", weighting: str = "
     check_name(weighting, WEIGHTINGS, "cost weighting")
     if weighting == "fisher" and task is None:
         raise ValueError("a Fisher-weighted cost table needs the task whose loss the Fisher is taken of: pass task=...")
-    label = "none" if weighting == "error" else f"fisher-{task}-{preset}"
+    # The Fisher depends on the task's data, which the offline presets share.
+    label = "none" if weighting == "error" else f"fisher-{task}-{'hub' if get_preset(preset).needs_hub else 'offline'}"
     path = assets.home() / "cost_tables" / f"{backbone}.{space.name}.{label}.v{COST_TABLE_VERSION}.npz"
     if path.exists() and not recompute:
         return CostTable.load(path)

@@ -93,65 +93,79 @@ def cost_ratio(rows: pd.DataFrame, method: str = "coalora", reference: str = "ql
     return (estimate, *stats.interval(np.asarray(draws)))
 
 
-def claims_table(preset: str, task: str = "sst2", seeds: Iterable[int] = (0, 1, 2),
-                 ablation_seeds: Iterable[int] | None = None, lm_seeds: Iterable[int] | None = None) -> pd.DataFrame:
-    """Every claim the runs of `preset` can test (runs are computed if not cached): the NF and
-    integer comparisons, seen vs unseen, the search ablation and the causal LM."""
+def nf_claims(preset: str, task: str = "sst2", seeds: Iterable[int] = (0, 1, 2)) -> pd.DataFrame:
+    """The NF comparisons of Figures 1 and 3: accuracy gaps, CoA-LoRA against its theta-free twin,
+    hypervolume, seen vs unseen, and the training cost."""
     seeds = list(seeds)
-    nf_specs = studies.study_specs(preset, task, "nf", seeds=seeds)
-    nf, budgets = studies.per_example(nf_specs)
-    rows = studies.collect(nf_specs)
+    specs = studies.study_specs(preset, task, "nf", seeds=seeds)
+    arrays, budgets = studies.per_example(specs)
+    rows = studies.collect(specs)
     bits = rows[(rows["configuration_set"] == "target") & (rows["method"] == "coalora")].groupby("budget")[
         "avg_bits"].mean().to_numpy()
-    n = len(seeds)
-    out = []
+    n, out = len(seeds), []
     for claim, (a, b), direction in (("coalora - qlora", ("coalora", "qlora"), 1),
                                      ("shared - qlora", ("shared", "qlora"), -1),
                                      ("coalora - shared", ("coalora", "shared"), 1),
                                      ("coalora - no theta", ("coalora", "coalora-no-theta"), 1)):
         out.append(_row(f"{claim}: NF accuracy, mean over {len(budgets)} budgets (points)", PAPER[claim],
-                        *accuracy_gap(nf, a, b), n, direction))
-    *gap, best = hypervolume_gap(nf, bits, QuantSpace.nf().bits_range(), "coalora", BASELINES)
+                        *accuracy_gap(arrays, a, b), n, direction))
+    *gap, best = hypervolume_gap(arrays, bits, QuantSpace.nf().bits_range(), "coalora", BASELINES)
     out.append(_row(f"hypervolume: CoA-LoRA - best baseline ({best}), NF targets", PAPER["hypervolume"], *gap, n, 1))
-
-    int_specs = studies.study_specs(preset, task, "int", methods=["qlora", "coalora"], seeds=seeds)
-    integer, _ = studies.per_example(int_specs)
-    out.append(_row("coalora - qlora: integer accuracy, mean over the budgets (points)", PAPER["integer"],
-                    *accuracy_gap(integer, "coalora", "qlora"), n, 1))
-
-    coalora = [s for s in nf_specs if s.method == "coalora"]
-    seen, _ = studies.per_example(coalora, "target")
-    unseen = _unseen_ilp(coalora)
-    estimate, lo, hi = stats.paired_difference(seen["coalora"].mean(1, keepdims=True),
-                                               unseen.mean(1, keepdims=True))["mean"]
+    coalora = [s for s in specs if s.method == "coalora"]
+    estimate, lo, hi = stats.paired_difference(arrays["coalora"].mean(1, keepdims=True),
+                                               _unseen_ilp(coalora).mean(1, keepdims=True))["mean"]
     out.append(_row("seen - unseen: CoA-LoRA accuracy, ILP configurations at interleaved budgets (points)",
                     PAPER["seen - unseen"], 100 * estimate, 100 * lo, 100 * hi, n, 0, EQUIVALENCE_POINTS))
-
-    ablation_seeds = seeds if ablation_seeds is None else list(ablation_seeds)
-    ablation = studies.ablation_specs(preset, task, ablation_seeds)
-    by_mode = {}
-    for mode in ("pareto", "frozen", "random"):
-        arrays, _ = studies.per_example([s for s in ablation if s.search.mode == mode])
-        by_mode[mode] = arrays["coalora"]
-    m = len(ablation_seeds)
-    out.append(_row("pareto - frozen: CoA-LoRA accuracy (points)", PAPER["pareto - frozen"],
-                    *accuracy_gap(by_mode, "pareto", "frozen"), m, 1))
-    out.append(_row("random - frozen: CoA-LoRA accuracy (points)", PAPER["random - frozen"],
-                    *accuracy_gap(by_mode, "random", "frozen"), m, 0, EQUIVALENCE_POINTS))
-
     estimate, lo, hi = cost_ratio(rows)
     row = _row(f"training cost: CoA-LoRA / QLoRA for {N_CONFIGURATIONS_PAPER} configurations", PAPER["cost"],
                estimate, lo, hi, n, 1)
     row["verdict"] = stats.verdict(1 - hi, 1 - lo, 1)  # the claim: cheaper, i.e. a ratio below 1
-    out.append(row)
+    return pd.DataFrame([*out, row], columns=COLUMNS)
 
-    lm_seeds = seeds if lm_seeds is None else list(lm_seeds)
-    lm_specs = studies.study_specs(preset, "c4", "nf", methods=["qlora", "shared", "coalora"], seeds=lm_seeds)
-    lm, _ = studies.per_example(lm_specs)
-    for claim, reference in (("causal coalora - qlora", "qlora"), ("causal coalora - shared", "shared")):
-        out.append(_row(f"{claim.removeprefix('causal ')}: causal-LM log-perplexity, mean over the budgets",
-                        PAPER[claim], *accuracy_gap(lm, "coalora", reference, scale=1.0), len(lm_seeds), -1))
-    return pd.DataFrame(out, columns=COLUMNS)
+
+def integer_claims(preset: str, task: str = "sst2", seeds: Iterable[int] = (0, 1, 2)) -> pd.DataFrame:
+    """Table 1: CoA-LoRA against QLoRA in the integer space."""
+    seeds = list(seeds)
+    arrays, budgets = studies.per_example(studies.study_specs(preset, task, "int", methods=["qlora", "coalora"],
+                                                              seeds=seeds))
+    return pd.DataFrame([_row(f"coalora - qlora: integer accuracy, mean over {len(budgets)} budgets (points)",
+                              PAPER["integer"], *accuracy_gap(arrays, "coalora", "qlora"), len(seeds), 1)],
+                        columns=COLUMNS)
+
+
+def ablation_claims(preset: str, task: str = "sst2", seeds: Iterable[int] = (0, 1, 2),
+                    epochs: int | None = None) -> pd.DataFrame:
+    """Figure 8: the Pareto search and the random extension against the frozen training set."""
+    seeds = list(seeds)
+    specs = studies.ablation_specs(preset, task, seeds, epochs=epochs)
+    by_mode = {mode: studies.per_example([s for s in specs if s.search.mode == mode])[0]["coalora"]
+               for mode in ("pareto", "frozen", "random")}
+    return pd.DataFrame([
+        _row("pareto - frozen: CoA-LoRA accuracy (points)", PAPER["pareto - frozen"],
+             *accuracy_gap(by_mode, "pareto", "frozen"), len(seeds), 1),
+        _row("random - frozen: CoA-LoRA accuracy (points)", PAPER["random - frozen"],
+             *accuracy_gap(by_mode, "random", "frozen"), len(seeds), 0, EQUIVALENCE_POINTS),
+    ], columns=COLUMNS)
+
+
+def causal_claims(preset: str, seeds: Iterable[int] = (0, 1, 2)) -> pd.DataFrame:
+    """Figure 4: CoA-LoRA's perplexity against QLoRA's and Shared-LoRA's (log-perplexity differences)."""
+    seeds = list(seeds)
+    arrays, budgets = studies.per_example(studies.study_specs(preset, "c4", "nf", methods=["qlora", "shared",
+                                                                                           "coalora"], seeds=seeds))
+    return pd.DataFrame([
+        _row(f"{claim.removeprefix('causal ')}: causal-LM log-perplexity, mean over {len(budgets)} budgets",
+             PAPER[claim], *accuracy_gap(arrays, "coalora", reference, scale=1.0), len(seeds), -1)
+        for claim, reference in (("causal coalora - qlora", "qlora"), ("causal coalora - shared", "shared"))],
+        columns=COLUMNS)
+
+
+def claims_table(preset: str, task: str = "sst2", seeds: Iterable[int] = (0, 1, 2),
+                 ablation_epochs: int | None = None) -> pd.DataFrame:
+    """Every claim above, in one table (runs are computed if not cached)."""
+    return pd.concat([nf_claims(preset, task, seeds), integer_claims(preset, task, seeds),
+                      ablation_claims(preset, task, seeds, ablation_epochs), causal_claims(preset, seeds)],
+                     ignore_index=True)
 
 
 def _unseen_ilp(specs: Sequence[RunSpec]) -> np.ndarray:

@@ -170,7 +170,10 @@ class CoALoRAModel(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.configuration
-        current = "none" if not self.is_set else "full precision" if c is None else f"{c.digest()} ({c.avg_bits:.3f} bits)"
+        if not self.is_set:
+            current = "none"
+        else:
+            current = "full precision" if c is None else f"{c.digest()} ({c.avg_bits:.3f} bits)"
         return f"backbone={self.layout.backbone!r}, matrices={len(self.layout)}, configuration={current}"
 
 

@@ -63,7 +63,7 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("coalora-no-theta", "CoA-LoRA without θ", "#8172B3", "v", "pool"),
     Method("coalora", "CoA-LoRA", "#C44E52", "o", "pool", theta=True),
     Method("fp-lora", "LoRA, full precision", "#333333", "*", "full-precision", reference=True),
-    Method("no-adapter", "no adapter", "#8C8C8C", "x", "none", reference=True),
+    Method("no-adapter", "no adapter", "#8C8C8C", "X", "none", reference=True),
 )}
 # The methods of the paper's comparisons (Figures 1, 3, 4, Table 1), with the reference rows.
 COMPARED = ("qlora", "lqlora", "shared", "coalora-no-theta", "coalora", "fp-lora")

@@ -63,7 +63,8 @@ def _labelled(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     labels = [METHODS[m].label for m in present]
     styling = {"hue": "method", "style": "method", "hue_order": labels, "style_order": labels,
                "palette": {METHODS[m].label: METHODS[m].color for m in present},
-               "markers": {METHODS[m].label: METHODS[m].marker for m in present}, "dashes": False}
+               "markers": {METHODS[m].label: METHODS[m].marker for m in present},
+               "dashes": {METHODS[m].label: (4, 2) if METHODS[m].reference else "" for m in present}}
     return frame.assign(method=frame["method"].astype(str).map(lambda m: METHODS[m].label)), styling
 
 
@@ -85,6 +86,13 @@ def plot_by_budget(ax, rows: pd.DataFrame, ylabel: str, scale: float = 100.0, x:
     target = target.assign(value=target["value"] * scale)
     data, styling = _labelled(target) if by == "method" else _by_search_mode(target)
     sns.lineplot(data=data, x=x, y="value", errorbar="sd", legend="auto" if legend else False, ax=ax, **styling)
+    for method, ref in rows[rows["configuration_set"] == "reference"].groupby("method"):  # a ceiling, bits aside
+        spec, mean, std = METHODS[method], ref["value"].mean() * scale, ref["value"].std() * scale
+        ax.axhline(mean, color=spec.color, ls=":", lw=1.2, label=spec.label if legend else None)
+        if len(ref) > 1:
+            ax.axhspan(mean - std, mean + std, color=spec.color, alpha=0.08, lw=0)
+    if legend and ax.get_legend() is not None:
+        ax.legend()
     ax.set_xlabel(BITS_LABEL if x == "avg_bits" else "target budget (bits)")
     ax.set_ylabel(ylabel)
 
@@ -99,7 +107,7 @@ def plot_hypervolumes(ax, hv: pd.DataFrame, by: str = "search") -> None:
     sns.pointplot(data=data, x=by, y="hypervolume", order=order, errorbar="sd", color="black",
                   markers="_", linestyles="none", capsize=0.2, ax=ax)
     ax.set_xlabel("training-set refinement")
-    ax.set_ylabel("hypervolume (target + unseen)")
+    ax.set_ylabel("hypervolume (target configurations)")
 
 
 def plot_seen_unseen(ax, points: pd.DataFrame, scale: float = 100.0) -> None:

@@ -24,6 +24,7 @@ from coalora.methods import COMPARED, METHODS
 from coalora.presets import preset as get_preset
 from coalora.repro import atomic_path, package_versions, write_json_atomic
 from coalora.search import SEARCH_MODES
+from coalora.training import HyperParams
 
 TASK_LABELS = {"sst2": "SST-2", "qnli": "QNLI", "mnli": "MNLI", "c4": "C4"}
 
@@ -65,11 +66,15 @@ def study_specs(preset: str, task: str, quantizer: str = "nf", methods: Iterable
             for m in methods for s in seeds]
 
 
-def ablation_specs(preset: str, task: str, seeds: Iterable[int] = (0,),
-                   modes: Iterable[str] = SEARCH_MODES) -> list[RunSpec]:
-    """Figure 8's runs: CoA-LoRA (NF) with each search mode, per seed. Every mode trains its first
-    epoch on the same data order, so the modes differ only from the first search on."""
-    return [spec for mode in modes for spec in study_specs(preset, task, "nf", ["coalora"], seeds, search=mode)]
+def ablation_specs(preset: str, task: str, seeds: Iterable[int] = (0,), modes: Iterable[str] = SEARCH_MODES,
+                   epochs: int | None = None) -> list[RunSpec]:
+    """Figure 8's runs: CoA-LoRA (NF) with each search mode, per seed, for `epochs` epochs (None: the
+    preset's). Every mode trains its first epoch on the same data order, so the modes differ only
+    from the first search on; with E epochs the search refines the training set E - 1 times."""
+    seeds = list(seeds)
+    fields = {} if epochs is None else {"hp": HyperParams(epochs=epochs, precision=get_preset(preset).precision)}
+    return [spec for mode in modes
+            for spec in study_specs(preset, task, "nf", ["coalora"], seeds, search=mode, **fields)]
 
 
 def collect(specs: Sequence[RunSpec], recompute: bool = False) -> pd.DataFrame:
@@ -181,6 +186,20 @@ def references(rows: pd.DataFrame) -> pd.DataFrame:
                                      avg_bits=("avg_bits", "mean")).reset_index())
     out["std"] = out["std"].fillna(0.0)
     return out
+
+
+def paired_gaps(specs: Sequence[RunSpec], method: str, reference: str, scale: float = 100.0) -> pd.DataFrame:
+    """`method` minus `reference` at each target budget and on average over them, with 95 % paired
+    bootstrap intervals over seeds and dev examples (coalora.stats): budget (NaN for the average),
+    estimate, ci_low, ci_high, n_seeds. Points of accuracy by default (`scale`)."""
+    from coalora import stats
+
+    arrays, budgets = per_example([s for s in specs if s.method in (method, reference)])
+    gaps = stats.paired_difference(arrays[method], arrays[reference])
+    n_seeds = arrays[method].shape[0]
+    return pd.DataFrame([{"budget": budgets[k] if k != "mean" else np.nan, "estimate": scale * e,
+                          "ci_low": scale * lo, "ci_high": scale * hi, "n_seeds": n_seeds}
+                         for k, (e, lo, hi) in gaps.items()])
 
 
 def per_example(specs: Sequence[RunSpec], configuration_set: str = "target") -> tuple[dict[str, np.ndarray], list]:

@@ -24,7 +24,7 @@
 
 # %% tags=["parameters"]
 preset = "default"   # smoke | default | large | paper
-seeds = [0]
+seeds = [0, 1, 2]
 backbone = None      # None: the preset's causal LM
 recompute = False
 output_root = None   # None: the project root (figures/ and results/)
@@ -32,16 +32,16 @@ output_root = None   # None: the project root (figures/ and results/)
 # %%
 import matplotlib.pyplot as plt
 
-from coalora import plots, studies
+from coalora import claims, plots, studies
 from coalora.configs import QuantSpace
-from coalora.methods import METHODS
+from coalora.methods import COMPARED, METHODS
 
 plots.use_style()
 fields = {} if backbone is None else {"backbone": backbone}
-specs = studies.study_specs(preset, "c4", "nf", seeds=seeds, **fields)
+specs = studies.study_specs(preset, "c4", "nf", [*COMPARED, "no-adapter"], seeds=seeds, **fields)
 rows = studies.collect(specs, recompute)
 summary = studies.by_budget(rows)
-hv = studies.hypervolumes(rows, QuantSpace.nf().bits_range(), higher_is_better=False)
+hv = studies.hypervolumes(rows, QuantSpace.nf().bits_range())
 figures, results = studies.output_dirs(preset, output_root)
 parameters = dict(preset=preset, seeds=seeds, backbone=backbone)
 studies.write_results(summary, results / "fig4_perplexity_by_bits.csv", parameters, specs)
@@ -58,11 +58,19 @@ plots.save_figure(fig, figures, "fig4_perplexity")
 # %%
 wide = summary.pivot(index="budget", columns="method", values="mean").round(2)
 print("perplexity by budget:\n", wide.to_string())
-print("best per budget:", {budget: METHODS[m].label for budget, m in wide.idxmin(axis=1).items()})
+ceiling = studies.references(rows)
+print("the same LoRA on the unquantized backbone:", ceiling[["mean", "std"]].round(2).to_dict("records"))
+adapters = wide.drop(columns=["no-adapter"])
+print("best per budget:", {budget: METHODS[m].label for budget, m in adapters.idxmin(axis=1).items()})
+print("methods at or above the no-adapter floor:",
+      {budget: [METHODS[m].label for m in adapters.columns if adapters.loc[budget, m] >= wide.loc[budget, "no-adapter"]]
+       for budget in wide.index})
+claims.causal_claims(preset, seeds).round(3)
 
 # %% [markdown]
 # **Reading.** In the paper (its Figure 6; Qwen2.5-1.5B/3B, LLaMA-2-7B on C4) CoA-LoRA is consistently better
 # than Shared-LoRA and comparable to or better than QLoRA and LQ-LoRA, while training once. The printed lines
-# give this run's perplexities and the best method per budget. The offline "full-precision" model is itself a
-# dequantized 4-bit GGUF and the text is a stand-in for C4, so the perplexities are not comparable to the
-# paper's; only the ordering of methods within a budget is.
+# give this run's perplexities, the best method per budget, any method no better than the quantized model
+# without an adapter (the dashed floor), and the claims with their intervals (log-perplexity differences). The
+# offline "full-precision" model is itself a dequantized 4-bit GGUF and the text is a stand-in for C4, so the
+# perplexities are not comparable to the paper's; only the ordering of methods within a budget is.

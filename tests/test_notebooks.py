@@ -14,7 +14,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 # notebook -> {results file: (required columns, minimum rows)} at the smoke preset with seed 0
 EXPECTED = {
     "01_fig1_motivation": {
-        "fig1_accuracy_gap.csv": (["budget", "qlora", "shared", "gap_points"], 4),
+        "fig1_accuracy_gap.csv": (["budget", "qlora", "shared", "gap_points", "ci_low", "ci_high"], 4),
         "fig1_fine_tuning_time.csv": (["method", "n_configurations", "seconds", "trains_once"], 4 * 20)},
     "02_fig2_workflow": {
         "fig2_search_rounds.csv": (["epoch", "mode", "role", "configuration_id", "avg_bits", "loss"], 6)},
@@ -26,10 +26,12 @@ EXPECTED = {
         "fig3_hypervolume.csv": (["method", "seed", "hypervolume", "quantizer"], 8)},
     "05_fig4_perplexity": {
         "fig4_perplexity_by_bits.csv": (["method", "budget", "mean", "std", "n_seeds"], 16),
-        "fig4_hypervolume.csv": (["method", "seed", "hypervolume"], 4)},
+        "fig4_hypervolume.csv": (["method", "seed", "hypervolume", "n_points"], 6)},
     "06_fig8_search_ablation": {
         "fig8_search_ablation.csv": (["search", "budget", "mean", "std", "n_seeds", "avg_bits"], 3 * 4),
         "fig8_hypervolume.csv": (["search", "seed", "hypervolume"], 3)},
+    "07_claims": {
+        "claims.csv": (["claim", "paper", "ours", "ci_low", "ci_high", "n_seeds", "verdict"], 12)},
 }
 FIGURES = {"01_fig1_motivation": "fig1_motivation", "02_fig2_workflow": "fig2_workflow",
            "04_fig3_bitwidth": "fig3_bitwidth", "05_fig4_perplexity": "fig4_perplexity",

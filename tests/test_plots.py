@@ -250,3 +250,17 @@ def test_plot_workflow_draws_the_loop():
     assert any("Pareto" in t for t in texts)
     assert not ax.axison
     assert ax.get_xlim() == (0.0, 1.0) and ax.get_ylim() == (0.0, 1.0)
+
+
+def test_reference_rows_draw_a_ceiling_and_a_dashed_floor():
+    ceiling = tidy(rows("fp-lora", 0, {32.0: 0.9}), rows("fp-lora", 1, {32.0: 0.92}))
+    ceiling["configuration_set"] = "reference"
+    frame = pd.concat([tidy(rows("qlora", 0, {3.0: 0.7, 4.0: 0.8}, {3.0: 1.0, 4.0: 1.0}),
+                            rows("no-adapter", 0, {3.0: 0.5, 4.0: 0.6}, 0.0)), ceiling])
+    fig, ax = plt.subplots()
+    plots.plot_by_budget(ax, frame, "accuracy (%)")
+    assert legend_labels(ax) == ["QLoRA", "no adapter", "LoRA, full precision"]
+    horizontal = [line for line in data_lines(ax) if len(set(line.get_ydata())) == 1 and line.get_xdata()[0] == 0]
+    assert len(horizontal) == 1 and horizontal[0].get_ydata()[0] == pytest.approx(91.0)
+    floor = [line for line in data_lines(ax) if to_hex(line.get_color()) == METHODS["no-adapter"].color.lower()]
+    assert len(floor) == 1 and floor[0].get_linestyle() != "-"

@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 
 from coalora import studies
-from coalora.methods import METHODS
+from coalora.methods import COMPARED, METHODS
 from coalora.experiments import RunSpec
 from coalora.presets import PRESETS
 
 COLUMNS = ["method", "search", "backbone", "backbone_label", "task", "task_source", "stand_in", "preset", "quantizer",
            "configuration_id", "configuration_set", "budget", "avg_bits", "seen", "seed", "metric", "value", "loss",
-           "train_seconds", "eval_seconds"]
+           "chance", "train_seconds", "eval_seconds"]
 
 
 def run_rows(method: str, seed: int, values: dict, train_seconds, configuration_set: str = "target",
@@ -35,6 +35,7 @@ def run_rows(method: str, seed: int, values: dict, train_seconds, configuration_
             "budget": None if configuration_set == "seen" else budget,
             "avg_bits": (avg_bits or {}).get(budget, budget + 0.02), "seen": False, "seed": seed,
             "metric": metric, "value": value, "loss": 1.0 - value if metric == "accuracy" else np.log(value),
+            "chance": 0.5 if metric == "accuracy" else 49152.0,
             "train_seconds": float(seconds), "eval_seconds": 0.5})
     return rows
 
@@ -51,7 +52,7 @@ def test_paper_table1_has_every_cell():
     table = studies.paper_table1()
     assert len(table) == 48
     assert table.groupby("task").size().to_dict() == {"mnli": 16, "qnli": 16, "sst2": 16}
-    assert set(table["method"]) == set(list(METHODS))
+    assert set(table["method"]) == {"qlora", "lqlora", "shared", "coalora"}
     assert sorted(table["budget"].unique()) == [3.0, 4.0, 5.0, 6.0]
     assert (table["source"] == "paper").all()
     assert not table.duplicated(["task", "budget", "method"]).any()
@@ -85,7 +86,8 @@ def test_paper_table1_unknown_task_names_the_valid_ones():
 
 def test_study_specs_one_per_method_and_seed():
     specs = studies.study_specs("smoke", "sst2", "int", seeds=(0, 1))
-    assert [(s.method, s.seed) for s in specs] == [(m, s) for m in list(METHODS) for s in (0, 1)]
+    assert [(s.method, s.seed) for s in specs] == [(m, s) for m in COMPARED for s in (0, 1)]
+    assert "fp-lora" in COMPARED and "no-adapter" not in COMPARED
     assert {s.quantizer for s in specs} == {"int"} and {s.task for s in specs} == {"sst2"}
     pareto = studies.study_specs("smoke", "sst2", methods=["coalora"], search="pareto")
     assert [s.search.mode for s in pareto] == ["pareto"]
@@ -177,7 +179,7 @@ def test_fine_tuning_time_per_configuration_methods_scale_with_n():
                  run_rows("coalora", 0, {3.0: 0.8, 4.0: 0.9}, 200.0),
                  run_rows("coalora", 0, {3.3: 0.8, 4.7: 0.9}, 200.0, configuration_set="unseen"))
     times = studies.fine_tuning_time(rows, [1, 2, 5])
-    assert [str(m) for m in times["method"]] == [m for m in list(METHODS) for _ in range(3)]
+    assert [str(m) for m in times["method"]] == [m for m in ("qlora", "lqlora", "shared", "coalora") for _ in range(3)]
     seconds = {(str(m), n): s for m, n, s in zip(times["method"], times["n_configurations"], times["seconds"])}
     qlora_per_config = np.mean([np.mean([10, 20, 30]), np.mean([30, 40, 50])])  # 30
     for n in (1, 2, 5):
@@ -212,26 +214,52 @@ def test_hypervolumes_one_row_per_method_and_seed_and_dominance():
     rows = frame(run_rows("qlora", 0, dict(zip(budgets, [0.70, 0.75, 0.80])), 1.0),
                  run_rows("qlora", 1, dict(zip(budgets, [0.71, 0.76, 0.79])), 1.0),
                  run_rows("coalora", 0, dict(zip(budgets, [0.80, 0.85, 0.90])), 1.0),
-                 run_rows("coalora", 1, dict(zip(budgets, [0.81, 0.84, 0.91])), 1.0),
-                 run_rows("coalora", 0, {3.5: 0.83}, 1.0, configuration_set="unseen"))
+                 run_rows("coalora", 1, dict(zip(budgets, [0.81, 0.84, 0.91])), 1.0))
     hv = studies.hypervolumes(rows, (2.0, 8.0))
     assert sorted(zip(hv["method"], hv["seed"])) == [("coalora", 0), ("coalora", 1), ("qlora", 0), ("qlora", 1)]
-    assert ((hv["hypervolume"] > 0) & (hv["hypervolume"] <= 1)).all()
+    assert ((hv["hypervolume"] > 0) & (hv["hypervolume"] <= 1)).all() and (hv["n_points"] == 3).all()
     value = {(m, s): h for m, s, h in zip(hv["method"], hv["seed"], hv["hypervolume"])}
     assert min(value["coalora", 0], value["coalora", 1]) > max(value["qlora", 0], value["qlora", 1])
     by_method = studies.hypervolumes(rows, (2.0, 8.0), by=("method",))
-    assert list(by_method.columns) == ["method", "hypervolume"] and len(by_method) == 2
+    assert list(by_method.columns) == ["method", "hypervolume", "n_points"] and len(by_method) == 2
 
 
-def test_hypervolumes_for_perplexity_prefer_lower():
+def test_hypervolumes_count_the_same_configurations_for_every_method():
+    """Extra (unseen) points may only add volume, so a method scored on more configurations would win
+    by its count: only the target configurations, which every method has, count."""
+    budgets = [3.0, 4.0]
+    base = [run_rows("qlora", 0, dict(zip(budgets, [0.70, 0.75])), 1.0),
+            run_rows("coalora", 0, dict(zip(budgets, [0.70, 0.75])), 1.0)]
+    with_unseen = frame(*base, run_rows("coalora", 0, {2.2: 0.74, 3.5: 0.8}, 1.0, configuration_set="unseen"))
+    hv = studies.hypervolumes(with_unseen, (2.0, 8.0)).set_index("method")
+    assert hv.loc["coalora", "hypervolume"] == hv.loc["qlora", "hypervolume"]
+    assert hv.loc["coalora", "n_points"] == hv.loc["qlora", "n_points"] == 2
+
+
+def test_hypervolumes_for_perplexity_use_a_fixed_log_scale_up_to_uniform_guessing():
     budgets = [3.0, 4.0, 5.0]
+    vocabulary = 50_000.0
     rows = frame(run_rows("shared", 0, dict(zip(budgets, [80.0, 60.0, 50.0])), 1.0, metric="perplexity"),
                  run_rows("coalora", 0, dict(zip(budgets, [40.0, 30.0, 25.0])), 1.0, metric="perplexity"))
-    hv = studies.hypervolumes(rows, (2.0, 8.0), higher_is_better=False).set_index("method")["hypervolume"]
+    rows["chance"] = vocabulary
+    hv = studies.hypervolumes(rows, (2.0, 8.0)).set_index("method")["hypervolume"]
     assert hv["coalora"] > hv["shared"] > 0
-    # Read as accuracy (the default), perplexities above 1 all clip to the same best score.
-    as_accuracy = studies.hypervolumes(rows, (2.0, 8.0)).set_index("method")["hypervolume"]
-    assert as_accuracy["coalora"] == pytest.approx(as_accuracy["shared"])
+    # One catastrophic point (worse than uniform guessing) adds nothing and takes nothing from the others.
+    broken = pd.concat([rows, frame(run_rows("shared", 0, {2.5: 5.8e7}, 1.0, metric="perplexity"))
+                        .assign(chance=vocabulary)])
+    again = studies.hypervolumes(broken, (2.0, 8.0)).set_index("method")["hypervolume"]
+    assert again["coalora"] == pytest.approx(hv["coalora"]) and again["shared"] == pytest.approx(hv["shared"])
+    best = studies.hypervolumes(rows.assign(value=1.0), (2.0, 8.0))["hypervolume"]
+    assert best.iloc[0] == pytest.approx(1 - (3.02 - 2.0) / 6.0)  # perplexity 1 at every budget: the full height
+
+
+def test_references_summarise_the_full_precision_rows():
+    rows = frame(run_rows("qlora", 0, {3.0: 0.7}, {3.0: 1.0}))
+    ceiling = frame(*(run_rows("fp-lora", s, {32.0: v}, 1.0) for s, v in ((0, 0.80), (1, 0.84))))
+    ceiling["configuration_set"], ceiling["budget"] = "reference", np.nan
+    summary = studies.references(pd.concat([rows, ceiling]))
+    assert list(summary["method"]) == ["fp-lora"] and summary["n_seeds"].iloc[0] == 2
+    assert summary["mean"].iloc[0] == pytest.approx(0.82) and summary["std"].iloc[0] > 0
 
 
 # ---- wide_table ------------------------------------------------------------------------------------

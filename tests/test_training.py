@@ -242,3 +242,15 @@ def test_search_only_for_coalora():
     model, configs = tiny_model(False)
     with pytest.raises(ValueError, match="only refines CoA-LoRA"):
         train("shared", model, configs, toy_batches(1), refine=lambda e, m, p: p)
+
+
+def test_bf16_autocast_trains_and_keeps_fp32_adapters():
+    model, configs = tiny_model(config_aware=True)
+    trained = train("coalora", model, configs, toy_batches(), HyperParams(rank=4, lr=3e-3, epochs=4,
+                                                                          weight_decay=0.0, precision="bf16"))
+    assert trained.history[-1]["loss"] < trained.history[0]["loss"]
+    assert all(t.dtype == torch.float32 for t in trained.states["shared"].values())
+    result = evaluate(trained.load_for(configs[1]), configs[1], toy_batches(2, seed=1), "classification", "bf16")
+    assert 0.0 <= result["accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="unknown precision 'fp8'; valid precisions: fp32, bf16"):
+        HyperParams(precision="fp8")

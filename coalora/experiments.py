@@ -268,28 +268,61 @@ def _execute(spec: RunSpec):
             [] if search is None else search.to_rows())
 
 
+def _reloaded(spec: RunSpec):
+    """The cached run of a method that trains one adapter, reloaded: (task, Trained, dev batches, chance)."""
+    rows = run_experiment(spec)
+    state = load_file(run_dir(spec) / "adapters.safetensors")
+    task, _, model, _, _, dev_batches, chance = _setup(spec)
+    states = {"shared": {name.split("/", 1)[1]: t for name, t in state.items() if name.startswith("shared/")}}
+    trained_on = set(rows.loc[rows["seen"], "configuration_id"])
+    trained = Trained(spec.method, model, training_configurations(spec), states,
+                      {"shared": float(rows["train_seconds"].iloc[0])}, trained_on=trained_on)
+    return task, trained, dev_batches, chance
+
+
+def _cached_rows(spec: RunSpec, name: str, recompute: bool, compute) -> pd.DataFrame:
+    """Rows cached as `name` in the run's folder, computed by `compute()` (a list of row dicts) if absent."""
+    folder = run_dir(spec)
+    if not (folder / name).exists() or recompute:
+        rows = compute()
+        with atomic_path(folder / name) as tmp:
+            pd.DataFrame(rows).to_csv(tmp, index=False)
+    return _read_rows(folder, spec, name)
+
+
 def seen_rows(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
-    """A frozen-search CoA-LoRA run scored on every configuration it trained on (set "seen"), for
-    Figure 3's seen-vs-unseen panel. Reloads the cached adapter (running the experiment first if
-    needed); cached as seen.csv."""
+    """A frozen-search CoA-LoRA run scored on every configuration of its training set (set "seen";
+    a frozen set is drawn from at every step), for Figure 3's seen-vs-unseen panel. Reloads the
+    cached adapter (running the experiment first if needed); cached as seen.csv."""
     spec = spec.resolved()
     if spec.method != "coalora" or spec.search.mode != "frozen":
         raise ValueError(f"seen configurations are CoA-LoRA's fixed training set: need method='coalora' and "
                          f"search='frozen', got method={spec.method!r}, search={spec.search.mode!r}")
+
+    def compute():
+        task, trained, dev_batches, chance = _reloaded(spec)
+        trained.trained_on = {c.digest() for c in trained.configurations}
+        return _score(spec, task, trained, [("seen", None, c) for c in trained.configurations], dev_batches,
+                      chance)[0]
+    return _cached_rows(spec, "seen.csv", recompute, compute)
+
+
+def theta_off_rows(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
+    """A CoA-LoRA run scored again with theta switched off after training (gamma = 0: every M_i = I,
+    the shared LoRA alone), on the run's own target and unseen configurations: what theta's
+    adjustments add to the adapter they were trained with. Cached as theta_off.csv."""
+    spec = spec.resolved()
+    if not get_method(spec.method).theta:
+        raise ValueError(f"switching theta off needs a method with theta, got {spec.method!r}")
     rows = run_experiment(spec)
-    folder = run_dir(spec)
-    if (folder / "seen.csv").exists() and not recompute:
-        return _read_rows(folder, spec, "seen.csv")
-    task, _, model, _, _, dev_batches, chance = _setup(spec)
-    state = load_file(folder / "adapters.safetensors")
-    states = {"shared": {name.split("/", 1)[1]: t for name, t in state.items() if name.startswith("shared/")}}
-    configurations = training_configurations(spec)  # frozen: every step drew from exactly these
-    trained = Trained(spec.method, model, configurations, states, {"shared": float(rows["train_seconds"].iloc[0])},
-                      trained_on={c.digest() for c in configurations})
-    seen, _ = _score(spec, task, trained, [("seen", None, c) for c in configurations], dev_batches, chance)
-    with atomic_path(folder / "seen.csv") as tmp:
-        pd.DataFrame(seen).to_csv(tmp, index=False)
-    return _read_rows(folder, spec, "seen.csv")
+
+    def compute():
+        task, trained, dev_batches, chance = _reloaded(spec)
+        trained.states["shared"] = {**trained.states["shared"], "theta.gamma": torch.tensor(0.0)}
+        by_id = {c.digest(): (s, b, c) for s, b, c in evaluation_configurations(spec, trained.model.layout)}
+        evaluations = [by_id[cid] for cid in rows["configuration_id"] if cid in by_id]
+        return _score(spec, task, trained, evaluations, dev_batches, chance)[0]
+    return _cached_rows(spec, "theta_off.csv", recompute, compute)
 
 
 def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:

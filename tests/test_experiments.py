@@ -207,3 +207,13 @@ def test_evaluation_batches_are_length_sorted_and_cover_the_dev_split():
     assert sorted(len(ids) for ids in expected["input_ids"]) == lengths
     labels = [int(x) for batch in dev for x in batch["labels"]]
     assert sorted(labels) == sorted(expected["labels"])
+
+
+def test_theta_off_rescores_every_configuration_of_the_run(runs_in_tmp):
+    run = spec("coalora")
+    rows = run_experiment(run)
+    off = experiments.theta_off_rows(run)
+    assert list(off["configuration_id"]) == list(rows["configuration_id"])
+    assert (off["search"] == "frozen").all() and (runs_in_tmp / run.key() / "theta_off.csv").exists()
+    with pytest.raises(ValueError, match="needs a method with theta"):
+        experiments.theta_off_rows(spec("qlora"))

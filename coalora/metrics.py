@@ -3,7 +3,6 @@ hypervolume of (average bits, metric) and the accuracy gap to QLoRA."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -16,6 +15,7 @@ from tqdm.auto import tqdm
 from coalora import lora
 from coalora.configs import Configuration
 from coalora.presets import check_task_type
+from coalora.training import autocast
 
 TASK_METRICS = {"classification": "accuracy", "causal-lm": "perplexity"}
 
@@ -40,13 +40,11 @@ def evaluate(model: torch.nn.Module, configuration: Configuration | None,
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext())
     loss_sum, weight, per_example = 0.0, 0, []
     name = "full precision" if configuration is None else f"{configuration.avg_bits:.2f} bits"
     for batch in tqdm(batches, desc=f"eval {name}", leave=False):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with autocast:
+        with autocast(device, precision):
             out = model(**batch)
         if task_type == "classification":
             n = batch["labels"].numel()

@@ -18,6 +18,7 @@ and gradient, fewer padding tokens). Wall-clock seconds are recorded per trained
 every configuration a step trained on is recorded (`Trained.trained_on`).
 """
 
+import contextlib
 import logging
 import math
 import random
@@ -67,13 +68,16 @@ class HyperParams:
     clip: float = 1.0
     micro_batches: int = 2  # a padded classification batch runs as this many length-sorted parts
     precision: str = "fp32"  # "bf16": forward and backward under bf16 autocast (AVX-512 BF16 CPUs, GPUs)
+    theta_lr: float | None = None  # theta's own learning rate (None: lr)
 
     def __post_init__(self):
         for name in ("rank", "alpha", "epochs", "configs_per_step", "micro_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("lr", "theta_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
         check_name(self.precision, PRECISIONS, "precision")
 
 
@@ -126,11 +130,19 @@ def micro_batches(batch: dict, k: int) -> list[tuple[float, dict]]:
     return parts
 
 
-def _backward(model, accelerator: Accelerator, parts: list[tuple[float, dict]]) -> float:
+def autocast(device: torch.device, precision: str):
+    """The forward's arithmetic: bf16 autocast for "bf16", none for "fp32"."""
+    if check_name(precision, PRECISIONS, "precision") == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _backward(model, accelerator: Accelerator, parts: list[tuple[float, dict]], precision: str = "fp32") -> float:
     """Accumulate the gradient of a batch's mean loss over its `micro_batches`; returns that loss."""
     total = 0.0
     for share, part in parts:
-        loss = model(**part).loss * share
+        with autocast(accelerator.device, precision):
+            loss = model(**part).loss * share
         accelerator.backward(loss)
         total += loss.item()
     return total
@@ -144,7 +156,11 @@ def _run_epochs(model, accelerator: Accelerator, batches: DataLoader, hp: HyperP
     new. Adds every configuration trained on to `trained_on`. Returns per-epoch mean losses."""
     inner = accelerator.unwrap_model(model)
     params = lora.trainable_parameters(inner)
-    optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay))
+    theta = {id(p) for p in inner.theta.parameters()} if inner.theta is not None else set()
+    groups = [{"params": [p for p in params if id(p) not in theta]},
+              {"params": [p for p in params if id(p) in theta], "lr": hp.theta_lr or hp.lr}]
+    optimizer = accelerator.prepare_optimizer(
+        torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, weight_decay=hp.weight_decay))
     history = []
     for epoch in range(hp.epochs):
         model.train()
@@ -156,7 +172,7 @@ def _run_epochs(model, accelerator: Accelerator, batches: DataLoader, hp: HyperP
                 if inner.configuration is not configuration or configuration is None:
                     lora.set_configuration(inner, configuration)  # identity check keeps an LQ-LoRA base
                 trained_on.add(FULL_PRECISION if configuration is None else configuration.digest())
-                total, count = total + _backward(model, accelerator, parts), count + 1
+                total, count = total + _backward(model, accelerator, parts, hp.precision), count + 1
             accelerator.clip_grad_norm_(params, hp.clip)
             optimizer.step()
         history.append({"epoch": epoch, "loss": total / max(count, 1)})
@@ -261,8 +277,9 @@ def train(method: str, model: torch.nn.Module, configurations: Sequence[Configur
         raise ValueError(f"method {method!r} needs a model built with config_aware={spec.theta}")
     if refine is not None and spec.training != "pool":
         raise ValueError(f"a configuration search only refines CoA-LoRA's training set, not {method!r}'s")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if hp.precision == "bf16" else "no")
+    # Autocast is ours, not the Accelerator's: accelerate's precision is fixed once per process,
+    # and one process may train runs of both precisions.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     prepared, batches = accelerator.prepare(model, batches)
     initial = lora.adapter_state(model)
     states, seconds, trained_on = {}, {}, set()

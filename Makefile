@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.coalora-installed
 
-.PHONY: install assets test reproduce bench clean-venv
+.PHONY: install assets test reproduce scaling bench clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ reproduce: assets
 # Every benchmark in bench/, one after another (two torch processes on 2 cores slow each other
 # down many times over). `make bench QUICK=1` runs each in its quick mode, as the test suite does.
 BENCHMARKS := $(sort $(wildcard bench/*.py))
+
+# The scaling study behind the default preset's scale (notebooks/scaling, about 1.5 h on 2 CPU cores;
+# MPNet-base is a large asset): writes figures/scaling.* and results/scaling_gaps.csv.
+scaling: assets
+	$(PY) -m coalora.assets fetch --large
+	@mkdir -p out/notebooks/$(PRESET)
+	$(PY) -m papermill notebooks/scaling.ipynb out/notebooks/$(PRESET)/scaling.ipynb -p preset $(PRESET) -k python3
 
 bench: assets
 	@for b in $(BENCHMARKS); do echo "== $$b"; $(PY) $$b $(if $(QUICK),--quick) || exit 1; done

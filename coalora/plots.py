@@ -110,6 +110,21 @@ def plot_hypervolumes(ax, hv: pd.DataFrame, by: str = "search") -> None:
     ax.set_ylabel("hypervolume (target configurations)")
 
 
+def plot_scaling(ax, gaps: pd.DataFrame) -> None:
+    """The scaling study: each gap (`studies.scaling_gaps`) against training steps, with its 95 %
+    interval as error bars, for one backbone."""
+    palette = dict(zip(gaps["gap"].unique(), sns.color_palette("deep", gaps["gap"].nunique())))
+    for name, g in gaps.groupby("gap", sort=False):
+        g = g.sort_values("steps")
+        ax.errorbar(g["steps"], g["estimate"], yerr=[g["estimate"] - g["ci_low"], g["ci_high"] - g["estimate"]],
+                    marker="o", ms=4, capsize=3, color=palette[name], label=name)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(gaps["steps"].unique()), [str(s) for s in sorted(gaps["steps"].unique())])
+    ax.set_xlabel("training steps")
+    ax.set_ylabel("difference (accuracy points)")
+
+
 def plot_seen_unseen(ax, points: pd.DataFrame, scale: float = 100.0) -> None:
     """CoA-LoRA's score per configuration, filled for configurations it trained on, hollow for ones
     it never saw (`points` from `studies.seen_vs_unseen`)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import platform
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ import pandas as pd
 from coalora import experiments
 from coalora.experiments import RunSpec, run_dir, run_experiment
 from coalora.methods import COMPARED, METHODS
+from coalora.data import task_type
 from coalora.presets import preset as get_preset
 from coalora.repro import atomic_path, package_versions, write_json_atomic
 from coalora.search import SEARCH_MODES
@@ -75,6 +76,53 @@ def ablation_specs(preset: str, task: str, seeds: Iterable[int] = (0,), modes: I
     fields = {} if epochs is None else {"hp": HyperParams(epochs=epochs, precision=get_preset(preset).precision)}
     return [spec for mode in modes
             for spec in study_specs(preset, task, "nf", ["coalora"], seeds, search=mode, **fields)]
+
+
+# The scaling study: what each gap says about the method, and which runs measure it.
+SCALING_GAPS = {  # name -> (method, reference, budgets: "lowest" or "mean")
+    "full precision - QLoRA, lowest budget": ("fp-lora", "qlora", "lowest"),
+    "full precision - QLoRA, mean": ("fp-lora", "qlora", "mean"),
+    "CoA-LoRA - Shared-LoRA, mean": ("coalora", "shared", "mean"),
+    "CoA-LoRA - without theta, mean": ("coalora", "coalora-no-theta", "mean"),
+}
+SCALING_METHODS = ("fp-lora", "qlora", "shared", "coalora-no-theta", "coalora")
+
+
+def scaling_specs(preset: str, task: str, backbones: Iterable[str], n_trains: Iterable[int], seed: int = 0,
+                  methods: Iterable[str] = SCALING_METHODS) -> list[RunSpec]:
+    """The scaling study's runs: every method on each backbone with each number of training sentences
+    (the preset's epochs and batch size, so more sentences are more steps), one seed."""
+    base = get_preset(preset).size(task_type(task))
+    return [RunSpec(preset=preset, task=task, method=m, seed=seed, backbone=b, size=replace(base, n_train=int(n)))
+            for b in backbones for n in n_trains for m in methods]
+
+
+def scaling_gaps(specs: Sequence[RunSpec]) -> pd.DataFrame:
+    """Per (backbone, training steps) of `scaling_specs`: each gap of SCALING_GAPS in points with its
+    95 % paired bootstrap interval over dev examples (one seed)."""
+    from coalora import stats
+
+    out = []
+    groups = {}
+    for spec in specs:
+        groups.setdefault((spec.resolved().backbone, spec.resolved().size), []).append(spec)
+    for (backbone, size), group in groups.items():
+        steps = size.epochs * -(-size.n_train // size.batch_size)
+        targets, budgets = per_example([s for s in group if s.method != "fp-lora"])
+        ceiling = _full_precision([s for s in group if s.method == "fp-lora"])
+        arrays = {**targets, "fp-lora": np.repeat(ceiling, len(budgets), axis=1)}
+        for name, (method, reference, over) in SCALING_GAPS.items():
+            gaps = stats.paired_difference(arrays[method], arrays[reference])
+            estimate, lo, hi = gaps[0 if over == "lowest" else "mean"]
+            out.append({"backbone": backbone, "n_train": size.n_train, "steps": steps, "gap": name,
+                        "estimate": 100 * estimate, "ci_low": 100 * lo, "ci_high": 100 * hi})
+    return pd.DataFrame(out)
+
+
+def _full_precision(specs: Sequence[RunSpec]) -> np.ndarray:
+    """[S, 1, N] per-example results of full-precision reference runs."""
+    return np.stack([experiments.predictions(s)[experiments.FULL_PRECISION][None] for s in
+                     sorted(specs, key=lambda s: s.seed)])
 
 
 def collect(specs: Sequence[RunSpec], recompute: bool = False) -> pd.DataFrame:

@@ -10,7 +10,7 @@ import papermill
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")) + [ROOT / "notebooks" / "scaling.ipynb"]
 # notebook -> {results file: (required columns, minimum rows)} at the smoke preset with seed 0
 EXPECTED = {
     "01_fig1_motivation": {
@@ -32,10 +32,14 @@ EXPECTED = {
         "fig8_hypervolume.csv": (["search", "seed", "hypervolume"], 3)},
     "07_claims": {
         "claims.csv": (["claim", "paper", "ours", "ci_low", "ci_high", "n_seeds", "verdict"], 12)},
+    "scaling": {
+        "scaling_gaps.csv": (["backbone", "n_train", "steps", "gap", "estimate", "ci_low", "ci_high"], 2 * 4)},
 }
+# Smoke parameters beyond the preset: the scaling study on one backbone at two small sizes.
+SMOKE = {"scaling": {"backbones": ["minilm-l6"], "n_trains": [32, 64], "mpnet_n_trains": []}}
 FIGURES = {"01_fig1_motivation": "fig1_motivation", "02_fig2_workflow": "fig2_workflow",
            "04_fig3_bitwidth": "fig3_bitwidth", "05_fig4_perplexity": "fig4_perplexity",
-           "06_fig8_search_ablation": "fig8_search_ablation"}
+           "06_fig8_search_ablation": "fig8_search_ablation", "scaling": "scaling"}
 
 
 def _execute(notebook: Path, out_dir: Path, **parameters) -> Path:
@@ -77,7 +81,7 @@ def test_committed_notebook_has_no_outputs_and_one_parameters_cell(notebook):
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_at_smoke_and_writes_its_files(notebook, tmp_path):
-    _execute(notebook, tmp_path)
+    _execute(notebook, tmp_path, **SMOKE.get(notebook.stem, {}))
     results = tmp_path / "results" / "smoke"
     for name, (columns, min_rows) in EXPECTED[notebook.stem].items():
         frame = pd.read_csv(results / name)

@@ -169,7 +169,7 @@ def _run_epochs(model, accelerator: Accelerator, batches: DataLoader, hp: HyperP
             optimizer.zero_grad(set_to_none=True)
             parts = micro_batches(batch, hp.micro_batches)  # once per batch, shared by its K configurations
             for configuration in pick():
-                if inner.configuration is not configuration or configuration is None:
+                if not inner.is_set or inner.configuration is not configuration:
                     lora.set_configuration(inner, configuration)  # identity check keeps an LQ-LoRA base
                 trained_on.add(FULL_PRECISION if configuration is None else configuration.digest())
                 total, count = total + _backward(model, accelerator, parts, hp.precision), count + 1

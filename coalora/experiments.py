@@ -3,7 +3,7 @@ provenance and trained adapter weights are cached on disk under a content hash o
 notebooks share runs.
 
     RunSpec --key()--> COALORA_HOME/runs/<key>/{rows.csv, predictions.npz, provenance.json,
-                                                adapters.safetensors, history.json, search.csv}
+                                                adapters.safetensors, history.json, steps.csv, search.csv}
 
 A run directory is written in a temporary folder and renamed into place when complete, so an
 interrupted run leaves nothing behind and is recomputed on the next call; `recompute=True` forces a
@@ -50,6 +50,7 @@ RUN_VERSION = 3  # bump when training or evaluation changes numbers: every cache
 EVAL_BUDGETS = {"nf": (2.5, 3.0, 3.5, 4.0), "int": (3.0, 4.0, 5.0, 6.0)}
 POOL_RANGE = (2.25, 7.25)  # the initial CoA-LoRA training set spans this (docs/method.md#training)
 SEARCH_COLUMNS = ["epoch", "mode", "role", "configuration_id", "avg_bits", "loss"]
+STEP_COLUMNS = ["adapter", "epoch", "step", "configuration_id", "loss"]  # every forward of training
 N_UNSEEN_BUDGETS = 5  # ILP configurations half-way between CoA-LoRA's initial pool budgets
 # Fake-quantized weights shared by every run of this process: equal weights quantize alike, so a
 # notebook's runs over seeds and methods quantize each (matrix, option) once.
@@ -264,7 +265,7 @@ def _execute(spec: RunSpec):
                    for configuration_set, budget, configuration in evaluation_configurations(spec, layout)
                    if not (configuration_set == "unseen" and configuration.digest() in trained.trained_on)]
     rows, predictions = _score(spec, task, trained, evaluations, dev_batches, chance)
-    return (pd.DataFrame(rows), predictions, trained.states, trained.history,
+    return (pd.DataFrame(rows), predictions, trained.states, trained.history, trained.steps,
             [] if search is None else search.to_rows())
 
 
@@ -333,7 +334,7 @@ def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
         logger.info("cache hit %s (%s %s seed %d)", folder.name, spec.method, spec.task, spec.seed)
         return _read_rows(folder, spec)
     logger.info("running %s (%s %s seed %d)", folder.name, spec.method, spec.task, spec.seed)
-    rows, predictions, states, history, search_rows = _execute(spec)
+    rows, predictions, states, history, steps, search_rows = _execute(spec)
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
@@ -342,6 +343,7 @@ def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
         save_file({f"{cfg}/{name}": t.contiguous() for cfg, state in states.items() for name, t in state.items()},
                   work / "adapters.safetensors")
         write_json_atomic(work / "history.json", history)
+        pd.DataFrame(steps, columns=STEP_COLUMNS).to_csv(work / "steps.csv", index=False, float_format="%.6g")
         pd.DataFrame(search_rows, columns=SEARCH_COLUMNS).to_csv(work / "search.csv", index=False)
         write_json_atomic(work / "provenance.json", provenance(asdict(spec), spec.seed))
         if folder.exists():
@@ -366,6 +368,13 @@ def _read_rows(folder: Path, spec: RunSpec, name: str = "rows.csv") -> pd.DataFr
     rows = pd.read_csv(folder / name)
     rows.insert(1, "search", spec.search.mode)  # from the spec, the source of truth for what it says
     return rows
+
+
+def training_steps(spec: RunSpec) -> pd.DataFrame:
+    """Every forward of a run's training: adapter (a configuration id, or "shared"), epoch, step,
+    configuration id and loss. Runs the experiment first if it is not cached."""
+    run_experiment(spec)
+    return pd.read_csv(run_dir(spec.resolved()) / "steps.csv")
 
 
 def search_rounds(spec: RunSpec) -> pd.DataFrame:

@@ -93,6 +93,7 @@ class Trained:
     train_seconds: dict[str, float]  # same keys
     history: list[dict] = field(default_factory=list)  # per epoch: loss, pool (CoA-LoRA)
     trained_on: set[str] = field(default_factory=set)  # digests of every configuration a step trained on
+    steps: list[tuple] = field(default_factory=list)  # (adapter, epoch, step, configuration, loss) per forward
 
     def load_for(self, configuration: Configuration | None) -> torch.nn.Module:
         """Switch the model to `configuration` (None: full precision) and load the adapter trained for it."""
@@ -149,11 +150,12 @@ def _backward(model, accelerator: Accelerator, parts: list[tuple[float, dict]], 
 
 
 def _run_epochs(model, accelerator: Accelerator, batches: DataLoader, hp: HyperParams,
-                pick: Callable[[], Sequence[Configuration | None]], desc: str, trained_on: set[str],
-                on_epoch_end: Callable[[int], None] | None = None) -> list[dict]:
+                pick: Callable[[], Sequence[Configuration | None]], adapter: str, desc: str, trained_on: set[str],
+                steps: list[tuple], on_epoch_end: Callable[[int], None] | None = None) -> list[dict]:
     """The shared loop: per batch, sum the loss over the configurations `pick()` returns (None: full
     precision), clip, step. `model` and `batches` come prepared by `accelerator`; the optimizer is
-    new. Adds every configuration trained on to `trained_on`. Returns per-epoch mean losses."""
+    new. Adds every configuration trained on to `trained_on` and every forward's loss to `steps`
+    (what shows which configuration and step a collapse starts at). Returns per-epoch mean losses."""
     inner = accelerator.unwrap_model(model)
     params = lora.trainable_parameters(inner)
     theta = {id(p) for p in inner.theta.parameters()} if inner.theta is not None else set()
@@ -165,14 +167,17 @@ def _run_epochs(model, accelerator: Accelerator, batches: DataLoader, hp: HyperP
     for epoch in range(hp.epochs):
         model.train()
         total, count = 0.0, 0
-        for batch in tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{hp.epochs}", leave=False):
+        for step, batch in enumerate(tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{hp.epochs}", leave=False)):
             optimizer.zero_grad(set_to_none=True)
             parts = micro_batches(batch, hp.micro_batches)  # once per batch, shared by its K configurations
             for configuration in pick():
                 if not inner.is_set or inner.configuration is not configuration:
                     lora.set_configuration(inner, configuration)  # identity check keeps an LQ-LoRA base
-                trained_on.add(FULL_PRECISION if configuration is None else configuration.digest())
-                total, count = total + _backward(model, accelerator, parts, hp.precision), count + 1
+                key = FULL_PRECISION if configuration is None else configuration.digest()
+                trained_on.add(key)
+                loss = _backward(model, accelerator, parts, hp.precision)
+                steps.append((adapter, epoch, step, key, loss))
+                total, count = total + loss, count + 1
             accelerator.clip_grad_norm_(params, hp.clip)
             optimizer.step()
         history.append({"epoch": epoch, "loss": total / max(count, 1)})
@@ -282,7 +287,7 @@ def train(method: str, model: torch.nn.Module, configurations: Sequence[Configur
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     prepared, batches = accelerator.prepare(model, batches)
     initial = lora.adapter_state(model)
-    states, seconds, trained_on = {}, {}, set()
+    states, seconds, trained_on, steps = {}, {}, set(), []
     history: list[dict] = []
 
     if spec.per_configuration:
@@ -292,17 +297,17 @@ def train(method: str, model: torch.nn.Module, configurations: Sequence[Configur
             start = time.perf_counter()
             lora.set_configuration(model, configuration)
             fits = {} if spec.init == "default" else low_rank_init_(model, configuration, hp, spec.init)
-            epochs = _run_epochs(prepared, accelerator, batches, hp, lambda: [configuration],
-                                 f"{method} {configuration.avg_bits:.2f}b", trained_on)
+            epochs = _run_epochs(prepared, accelerator, batches, hp, lambda: [configuration], configuration.digest(),
+                                 f"{method} {configuration.avg_bits:.2f}b", trained_on, steps)
             key = configuration.digest()
             seconds[key] = time.perf_counter() - start
             states[key] = lora.adapter_state(model) | fits
             history += [{"configuration": key, **e} for e in epochs]
-        return Trained(method, model, configurations, states, seconds, history, trained_on)
+        return Trained(method, model, configurations, states, seconds, history, trained_on, steps)
 
     seed_everything(seed)
     if spec.training == "none":
-        return Trained(method, model, configurations, {"shared": initial}, {"shared": 0.0}, [], trained_on)
+        return Trained(method, model, configurations, {"shared": initial}, {"shared": 0.0}, [], trained_on, steps)
     rng = random.Random(seed)
     pool = list(configurations)
     if spec.training == "full-precision":
@@ -323,11 +328,11 @@ def train(method: str, model: torch.nn.Module, configurations: Sequence[Configur
         history.append({"epoch": epoch, "pool": [c.digest() for c in pool]})
 
     start = time.perf_counter()
-    epochs = _run_epochs(prepared, accelerator, batches, hp, pick, method, trained_on,
+    epochs = _run_epochs(prepared, accelerator, batches, hp, pick, "shared", method, trained_on, steps,
                          end_epoch if spec.training == "pool" else None)
     seconds["shared"] = time.perf_counter() - start
     states["shared"] = lora.adapter_state(model)
     for row, extra in zip(epochs, history or [{}] * len(epochs)):
         row.update(extra)
     return Trained(method, model, pool if spec.training == "pool" else configurations, states, seconds, epochs,
-                   trained_on)
+                   trained_on, steps)

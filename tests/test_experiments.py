@@ -44,7 +44,12 @@ def test_run_writes_tidy_rows_and_caches(method, runs_in_tmp, monkeypatch):
     assert (rows["chance"] == 0.5).all()
     folder = runs_in_tmp / spec(method).key()
     assert {p.name for p in folder.iterdir()} == {"rows.csv", "predictions.npz", "adapters.safetensors",
-                                                  "history.json", "provenance.json", "search.csv"}
+                                                  "history.json", "steps.csv", "provenance.json", "search.csv"}
+    steps = experiments.training_steps(spec(method))
+    assert list(steps.columns) == experiments.STEP_COLUMNS and steps["loss"].notna().all()
+    assert set(steps["configuration_id"]) <= set(rows["configuration_id"]) | {c.digest() for c in
+                                                                              experiments.training_configurations(
+                                                                                  spec(method).resolved())}
     predictions = experiments.predictions(spec(method))
     assert set(predictions) == set(rows["configuration_id"])
     for cid, value in zip(rows["configuration_id"], rows["value"]):

@@ -71,6 +71,7 @@ class RunSpec:
 
     def __post_init__(self):
         get_preset(self.preset)
+        task_type(self.task)
         check_method(self.method)
         QuantSpace.named(self.quantizer)
         if isinstance(self.search, str):

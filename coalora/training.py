@@ -97,9 +97,9 @@ class Trained:
 def micro_batches(batch: dict, k: int) -> list[tuple[float, dict]]:
     """(share of the batch, part) for k length-sorted parts of a padded classification batch, each
     trimmed to its own longest sentence. The share-weighted sum of the parts' mean losses is the
-    batch's mean loss, for about half the tokens (bench/padding.py: 48 % of a default batch is
-    padding). Batches without padding, or with per-token labels (causal LM, whose loss is a mean
-    over tokens), stay whole."""
+    batch's mean loss, for about half the tokens (48 % of a default batch is padding:
+    docs/measurements.md#padding-and-micro-batches). Batches without padding, or with per-token
+    labels (causal LM, whose loss is a mean over tokens), stay whole."""
     mask = batch.get("attention_mask")
     if k == 1 or mask is None or bool(mask.all()) or batch["labels"].dim() != 1:
         return [(1.0, batch)]

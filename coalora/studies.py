@@ -78,8 +78,8 @@ def collect(specs: Sequence[RunSpec], recompute: bool = False) -> pd.DataFrame:
 
 def search_history(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
     """Figure 2's data: a pareto-search CoA-LoRA run's per-epoch pool, proposals and kept set."""
-    if spec.search != "pareto":
-        raise ValueError(f"Figure 2 draws a run with search='pareto', got search={spec.search!r}")
+    if spec.search.mode != "pareto":
+        raise ValueError(f"Figure 2 draws a run with search='pareto', got search={spec.search.mode!r}")
     run_experiment(spec, recompute)
     return experiments.search_rounds(spec)
 

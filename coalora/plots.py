@@ -95,7 +95,7 @@ def plot_hypervolumes(ax, hv: pd.DataFrame, by: str = "search") -> None:
     data, styling = _by_search_mode(hv)
     order = styling["hue_order"]
     sns.stripplot(data=data, x=by, y="hypervolume", order=order, hue=by, hue_order=order,
-                  palette=styling["palette"], size=5, alpha=0.6, jitter=0.1, legend=False, ax=ax)
+                  palette=styling["palette"], size=5, alpha=0.6, jitter=False, legend=False, ax=ax)
     sns.pointplot(data=data, x=by, y="hypervolume", order=order, errorbar="sd", color="black",
                   markers="_", linestyles="none", capsize=0.2, ax=ax)
     ax.set_xlabel("training-set refinement")

@@ -51,8 +51,8 @@ def main() -> None:
         backbone, tokenizer = load_backbone("minilm-l6")
         model = build_lora_model(backbone, matrix_layout(backbone, "minilm-l6"), QuantSpace.nf(), rank=8,
                                  config_aware=method == "coalora")
-        batch = tokenizer(sentences["text"], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        batch["labels"] = torch.tensor(sentences["label"])
+        batch = tokenizer(list(sentences["text"]), padding=True, truncation=True, max_length=64, return_tensors="pt")
+        batch["labels"] = torch.tensor(list(sentences["label"]))
         params = trainable_parameters(model)
         optimizer = torch.optim.AdamW(params, lr=1e-3)
         model.train()

@@ -88,12 +88,18 @@ SCALING_GAPS = {  # name -> (method, reference, budgets: "lowest" or "mean")
 SCALING_METHODS = ("fp-lora", "qlora", "shared", "coalora-no-theta", "coalora")
 
 
+# The scaling study scores the lowest and the highest NF budget only: QLoRA trains one adapter per budget,
+# and two are what its gaps need (the lowest budget, and an average over a low and a high one).
+SCALING_BUDGETS = (2.5, 4.0)
+
+
 def scaling_specs(preset: str, task: str, backbones: Iterable[str], n_trains: Iterable[int], seed: int = 0,
                   methods: Iterable[str] = SCALING_METHODS) -> list[RunSpec]:
     """The scaling study's runs: every method on each backbone with each number of training sentences
-    (the preset's epochs and batch size, so more sentences are more steps), one seed."""
+    (the preset's epochs and batch size, so more sentences are more steps), one seed, SCALING_BUDGETS."""
     base = get_preset(preset).size(task_type(task))
-    return [RunSpec(preset=preset, task=task, method=m, seed=seed, backbone=b, size=replace(base, n_train=int(n)))
+    return [RunSpec(preset=preset, task=task, method=m, seed=seed, backbone=b, size=replace(base, n_train=int(n)),
+                    eval_budgets=SCALING_BUDGETS)
             for b in backbones for n in n_trains for m in methods]
 
 

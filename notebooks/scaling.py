@@ -24,8 +24,9 @@
 # between methods, this study measures, on seed 0, how the gaps that matter move with training steps and
 # backbone size: what quantization costs (the same LoRA at full precision minus QLoRA at the lowest budget and
 # on average), what one shared adapter costs against CoA-LoRA, and what theta adds (CoA-LoRA minus its
-# theta-free twin). More training sentences at the preset's two epochs are more steps. Run with
-# `make scaling` (not part of `make reproduce`: about an hour and a half on 2 CPU cores).
+# theta-free twin), at the lowest and the highest NF budget (2.5 and 4 bits). More training sentences at the
+# preset's two epochs are more steps. Run with `make scaling` (not part of `make reproduce`: it takes about an
+# hour and a half on 2 CPU cores).
 
 # %% tags=["parameters"]
 preset = "default"   # smoke | default | large | paper

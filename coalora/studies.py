@@ -259,12 +259,15 @@ def paired_gaps(specs: Sequence[RunSpec], method: str, reference: str, scale: fl
 def per_example(specs: Sequence[RunSpec], configuration_set: str = "target") -> tuple[dict[str, np.ndarray], list]:
     """Per-example results of each method's runs, paired: method -> [S seeds, K configurations,
     N examples] (seeds in sorted order, configurations by budget), and the K budgets. Every method
-    must have run the same seeds; the configurations are those of `configuration_set`."""
+    must have run the same seeds; the configurations are those of `configuration_set` (runs without
+    any are left out)."""
     by_method: dict[str, dict[int, np.ndarray]] = {}
     budgets = None
     for spec in specs:
         rows = run_experiment(spec)
         rows = rows[rows["configuration_set"] == configuration_set].sort_values("budget")
+        if rows.empty:  # e.g. the full-precision reference has no target configurations
+            continue
         predictions = experiments.predictions(spec)
         by_method.setdefault(spec.method, {})[spec.seed] = np.stack([predictions[c] for c in rows["configuration_id"]])
         budgets = list(rows["budget"]) if budgets is None else budgets

@@ -17,8 +17,8 @@
 # %% [markdown]
 # # The scaling study: does this scale leave the methods anything to differ on?
 #
-# *Paper: RoBERTa-Large (355M) on GLUE, 10 epochs; QLoRA at 3 bits loses up to 9 points to its 6-bit
-# configuration on SST-2 (Table 1), so the configuration matters there.*
+# *Paper, Table 1: RoBERTa-Large (355M) on GLUE, 10 epochs; QLoRA at 3 bits loses up to 9 points to its
+# 6-bit configuration on SST-2, so the configuration matters there.*
 #
 # The default preset trains a 22M-parameter stand-in for a few hundred steps. Before reading any difference
 # between methods, this study measures, on seed 0, how the gaps that matter move with training steps and

@@ -38,10 +38,11 @@ COST_TABLE_VERSION = 1
 # score a seeded sample of COST_TABLE_SAMPLE weights in 64-weight chunks (allocations then cost within
 # ~1% of the exact optimum, tested on MiniLM).
 WEIGHTINGS = ("fisher", "error")
-# The Fisher of LQ-LoRA and the paper sums squared per-example gradients over 10,000 C4 examples; 512
-# examples (or token blocks) of the task's training split take seconds on MiniLM-L6 and a few minutes on
-# SmolLM2-135M, and the table is computed once per backbone, space and task.
-FISHER_EXAMPLES = 512
+# The Fisher of LQ-LoRA and the paper sums squared per-example gradients over 10,000 C4 examples. Here
+# 512 sentences of a classification task (about 10k tokens; seconds on MiniLM-L6), or 64 token blocks of
+# a causal LM (8k tokens: about a minute on SmolLM2-135M, where 512 blocks took 8.5 min); the table is
+# computed once per backbone, space, task and count.
+FISHER_EXAMPLES = {"classification": 512, "causal-lm": 64}
 FISHER_MAX_LENGTH = 128  # tokens per sentence, or the block size of a causal LM
 COST_TABLE_EXACT = 2**24
 COST_TABLE_SAMPLE = 2**22
@@ -252,13 +253,14 @@ def configuration_from_choice(table: CostTable, choice: np.ndarray) -> Configura
     return Configuration(table.layout, {m.name: options[j] for m, j in zip(table.layout.matrices, choice)})
 
 
-def task_fisher(backbone: str, task: str, preset: str, n_examples: int = FISHER_EXAMPLES):
+def task_fisher(backbone: str, task: str, preset: str, n_examples: int | None = None):
     """(model, diagonal Fisher per quantized matrix, description): the per-example Fisher of the
     task loss on the first `n_examples` training examples of `task` under `preset` (token blocks for
     a causal LM). A classifier's head is the freshly initialised one of seed 0, as fine-tuning starts."""
     from coalora.data import lm_blocks, load_task, tokenize_classification
 
     data = load_task(task, preset)
+    n_examples = n_examples or FISHER_EXAMPLES[data.task_type]
     torch.manual_seed(0)
     model, tokenizer = models.load_backbone(backbone, data.task_type, num_labels=data.num_labels or 2,
                                             dtype=torch.float32)
@@ -284,8 +286,14 @@ def cost_table(backbone: str, space: QuantSpace | str = "nf", weighting: str = "
     check_name(weighting, WEIGHTINGS, "cost weighting")
     if weighting == "fisher" and task is None:
         raise ValueError("a Fisher-weighted cost table needs the task whose loss the Fisher is taken of: pass task=...")
-    # The Fisher depends on the task's data, which the offline presets share.
-    label = "none" if weighting == "error" else f"fisher-{task}-{'hub' if get_preset(preset).needs_hub else 'offline'}"
+    # The Fisher depends on the task's data (which the offline presets share) and how much of it is used.
+    if weighting == "error":
+        label = "none"
+    else:
+        from coalora.data import task_type
+
+        count = FISHER_EXAMPLES[task_type(task)]
+        label = f"fisher{count}-{task}-{'hub' if get_preset(preset).needs_hub else 'offline'}"
     path = assets.home() / "cost_tables" / f"{backbone}.{space.name}.{label}.v{COST_TABLE_VERSION}.npz"
     if path.exists() and not recompute:
         return CostTable.load(path)

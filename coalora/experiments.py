@@ -104,11 +104,16 @@ class RunSpec:
                                  else unseen_budgets(size.pool_step, EVAL_BUDGETS[self.quantizer],
                                                      pool_range=tuple(self.pool_range))),
             size=size,
-            hp=self.hp or HyperParams(epochs=size.epochs, precision=preset.precision),
+            hp=self._hp(size, preset),
             # Without a search only its held-out slice (search.batches) matters: the other knobs are
             # reset, so they do not split equal runs over two cache keys.
             search=self.search if self.search.mode != "frozen" else SearchConfig(batches=self.search.batches),
         )
+
+    def _hp(self, size, preset) -> HyperParams:
+        hp = self.hp or HyperParams(epochs=size.epochs, precision=preset.precision)
+        # theta's learning rate cannot change a method without theta: one cache key for equal runs.
+        return hp if get_method(self.method).theta else replace(hp, theta_lr=None)
 
     def key(self) -> str:
         """Content hash of the resolved spec and RUN_VERSION."""

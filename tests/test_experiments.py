@@ -72,6 +72,12 @@ def test_same_seed_same_numbers_other_seed_other_key(runs_in_tmp):
     assert spec("shared").key() == spec("shared").resolved().key()
 
 
+def test_theta_learning_rate_splits_only_runs_with_theta():
+    for method, splits in (("coalora", True), ("coalora-no-theta", False), ("qlora", False)):
+        other = spec(method, hp=HyperParams(epochs=1, configs_per_step=8, theta_lr=3e-4))
+        assert (other.key() != spec(method).key()) == splits, method
+
+
 def test_interrupted_run_leaves_nothing_and_reruns(runs_in_tmp, monkeypatch):
     real = experiments.train
 

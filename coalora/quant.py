@@ -122,8 +122,15 @@ def fake_quantize(weight: torch.Tensor, q: QuantParams, quantize_scales: bool = 
     """The weight after quantizing and dequantizing it under `q`: same shape and dtype as `weight`.
 
     `quantize_scales=False` keeps fp32 absmax scales (no double quantization), which is what
-    bitsandbytes' `quantize_4bit` does without `compress_statistics`.
+    bitsandbytes' `quantize_4bit` does without `compress_statistics`. An empty weight, or one with
+    NaN or infinite entries (which would spread through their block's scale), is a ValueError.
     """
+    if weight.numel() == 0:
+        raise ValueError(f"cannot quantize an empty weight (shape {tuple(weight.shape)})")
+    bad = int((~torch.isfinite(weight.detach())).sum())
+    if bad:
+        raise ValueError(f"cannot quantize a weight of shape {tuple(weight.shape)} with {bad} NaN or infinite "
+                         f"entries: check the checkpoint it was loaded from")
     blocks = to_blocks(weight, q.block_size)
     scales = block_scales(weight, q, quantize_scales)
     out = dequantize_blocks(blocks, scales, q.kind, q.bits)

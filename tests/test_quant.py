@@ -127,3 +127,16 @@ def test_int2_is_ternary_per_block():
     for block, s in zip(out, scales):
         levels = torch.unique(block / s)
         assert set(levels.round().tolist()) <= {-2.0, -1.0, 0.0, 1.0}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_not_spread(value):
+    weight = torch.randn(8, 16)
+    weight[3, 5] = value
+    with pytest.raises(ValueError, match=r"shape \(8, 16\) with 1 NaN or infinite entries"):
+        fake_quantize(weight, LayerQuant())
+
+
+def test_an_empty_weight_is_refused():
+    with pytest.raises(ValueError, match=r"empty weight \(shape \(0, 16\)\)"):
+        fake_quantize(torch.empty(0, 16), LayerQuant())

@@ -294,7 +294,8 @@ def cost_table(backbone: str, space: QuantSpace | str = "nf", weighting: str = "
 
         count = FISHER_EXAMPLES[task_type(task)]
         label = f"fisher{count}-{task}-{'hub' if get_preset(preset).needs_hub else 'offline'}"
-    path = assets.home() / "cost_tables" / f"{backbone}.{space.name}.{label}.v{COST_TABLE_VERSION}.npz"
+    identity = models.backbone_spec(backbone).cache_id
+    path = assets.home() / "cost_tables" / f"{identity}.{space.name}.{label}.v{COST_TABLE_VERSION}.npz"
     if path.exists() and not recompute:
         return CostTable.load(path)
     if weighting == "fisher":

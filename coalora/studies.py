@@ -244,7 +244,7 @@ def references(rows: pd.DataFrame) -> pd.DataFrame:
 
 def paired_gaps(specs: Sequence[RunSpec], method: str, reference: str, scale: float = 100.0) -> pd.DataFrame:
     """`method` minus `reference` at each target budget and on average over them, with 95 % paired
-    bootstrap intervals over seeds and dev examples (coalora.stats): budget (NaN for the average),
+    intervals over seeds and dev examples (coalora.stats): budget (NaN for the average),
     estimate, ci_low, ci_high, n_seeds. Points of accuracy by default (`scale`)."""
     from coalora import stats
 
@@ -262,7 +262,7 @@ def per_example(specs: Sequence[RunSpec], configuration_set: str = "target") -> 
     must have run the same seeds; the configurations are those of `configuration_set` (runs without
     any are left out)."""
     by_method: dict[str, dict[int, np.ndarray]] = {}
-    budgets = None
+    budgets, configurations = None, None
     for spec in specs:
         rows = run_experiment(spec)
         rows = rows[rows["configuration_set"] == configuration_set].sort_values("budget")
@@ -270,7 +270,12 @@ def per_example(specs: Sequence[RunSpec], configuration_set: str = "target") -> 
             continue
         predictions = experiments.predictions(spec)
         by_method.setdefault(spec.method, {})[spec.seed] = np.stack([predictions[c] for c in rows["configuration_id"]])
-        budgets = list(rows["budget"]) if budgets is None else budgets
+        if configurations is None:
+            budgets, configurations = list(rows["budget"]), list(rows["configuration_id"])
+        elif list(rows["configuration_id"]) != configurations:  # pairs must be the same configurations
+            raise ValueError(f"run {spec.method} seed {spec.seed} was scored on other {configuration_set} "
+                             f"configurations ({list(rows['configuration_id'])}) than the first run "
+                             f"({configurations}); recompute the runs of the study together")
     seeds = {tuple(sorted(s)) for s in by_method.values()}
     if len(seeds) != 1:
         raise ValueError(f"paired comparisons need the same seeds for every method, got "

@@ -49,7 +49,7 @@ print("the same LoRA on the unquantized backbone: " + ", ".join(
 studies.wide_table(summary)
 
 # %%
-print("CoA-LoRA - QLoRA per budget, points, with 95 % paired bootstrap intervals (seeds and dev examples):")
+print("CoA-LoRA - QLoRA per budget, points, with 95 % paired intervals over seeds and dev examples:")
 studies.paired_gaps(specs, "coalora", "qlora").round(2)
 
 # %%

@@ -34,8 +34,15 @@ def test_seeds_are_a_level_of_their_own():
     """Examples fixed, seeds that disagree: the interval must reflect the seed-to-seed spread."""
     b = np.zeros((3, 1, 100))
     a = np.stack([np.full((1, 100), v) for v in (0.0, 0.5, 1.0)])  # the gain is 0, 0.5 or 1 by seed
-    est, lo, hi = stats.paired_difference(a, b, n_boot=500)["mean"]
-    assert est == pytest.approx(0.5) and lo < 0.3 and hi > 0.7
+    est, lo, hi = stats.paired_difference(a, b, n_boot=4000)["mean"]
+    # the seed term: Student t with 2 degrees of freedom (97.5 % quantile 4.30) times sd / sqrt(3)
+    assert est == pytest.approx(0.5) and hi - est == pytest.approx(4.30 * 0.5 / np.sqrt(3), rel=0.15)
+    assert est - lo == pytest.approx(hi - est, rel=0.15)
+
+
+def test_one_seed_has_no_seed_term():
+    a, b = np.ones((1, 1, 100)), np.zeros((1, 1, 100))
+    assert stats.paired_difference(a, b, n_boot=200)["mean"] == (1.0, 1.0, 1.0)
 
 
 def test_arrays_must_pair_up():
@@ -54,6 +61,12 @@ def test_arrays_must_pair_up():
 ])
 def test_verdicts(lo, hi, direction, equivalence, expected):
     assert stats.verdict(lo, hi, direction, equivalence) == expected
+
+
+@pytest.mark.parametrize(("lo", "hi", "expected"), [(-0.2, 0.03, "reproduced"), (-0.2, 0.08, "inconclusive at this scale"),
+                                                    (0.06, 0.2, "not reproduced")])
+def test_comparable_or_lower_has_a_margin(lo, hi, expected):
+    assert stats.verdict(lo, hi, -1, margin=0.05) == expected
 
 
 def test_verdict_needs_a_direction():

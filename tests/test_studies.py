@@ -399,3 +399,23 @@ def test_write_results_records_each_run(tmp_path, monkeypatch):
         ("qlora-0", "qlora", 0, "sst2"), ("coalora-0", "coalora", 0, "sst2")]
     assert all(r["git"] == "abc" and r["device"] == "cpu" and "parameters" not in r for r in record["runs"])
     assert record["parameters"]["specs"]["method"] == "qlora"          # a RunSpec parameter as its fields
+
+
+def test_per_example_pairs_only_runs_scored_on_the_same_configurations(monkeypatch):
+    from coalora import experiments
+
+    specs = [RunSpec(preset="smoke", task="sst2", method=m, seed=s) for m in ("qlora", "coalora") for s in (0, 1)]
+    ids = {("qlora", 1): ["a", "x"]}  # one run scored at 3 bits on another configuration than the rest
+
+    def fake_run(spec):
+        cids = ids.get((spec.method, spec.seed), ["a", "b"])
+        return pd.DataFrame({"configuration_set": "target", "budget": [2.5, 3.0], "configuration_id": cids})
+
+    monkeypatch.setattr(studies, "run_experiment", fake_run)
+    monkeypatch.setattr(experiments, "predictions", lambda spec: {c: np.ones(5) for c in "abx"})
+    with pytest.raises(ValueError, match="qlora seed 1 was scored on other target configurations"):
+        studies.per_example(specs)
+    ids.clear()
+    arrays, budgets = studies.per_example(specs)
+    assert budgets == [2.5, 3.0] and {m: a.shape for m, a in arrays.items()} == {"qlora": (2, 2, 5),
+                                                                                  "coalora": (2, 2, 5)}

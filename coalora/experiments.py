@@ -292,9 +292,9 @@ def _cached_rows(spec: RunSpec, name: str, recompute: bool, compute) -> pd.DataF
 
 
 def seen_rows(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
-    """A frozen-search CoA-LoRA run scored on every configuration of its training set (set "seen";
-    a frozen set is drawn from at every step), for Figure 3's seen-vs-unseen panel. Reloads the
-    cached adapter (running the experiment first if needed); cached as seen.csv."""
+    """A frozen-search CoA-LoRA run scored on every configuration of its training set that a training
+    step drew (set "seen", from steps.csv), for Figure 3's seen-vs-unseen panel. Reloads the cached
+    adapter (running the experiment first if needed); cached as seen.csv."""
     spec = spec.resolved()
     if spec.method != "coalora" or spec.search.mode != "frozen":
         raise ValueError(f"seen configurations are CoA-LoRA's fixed training set: need method='coalora' and "
@@ -302,9 +302,9 @@ def seen_rows(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
 
     def compute():
         task, trained, dev_batches, chance = _reloaded(spec)
-        trained.trained_on = {c.digest() for c in trained.configurations}
-        return _score(spec, task, trained, [("seen", None, c) for c in trained.configurations], dev_batches,
-                      chance)[0]
+        trained.trained_on = set(training_steps(spec)["configuration_id"])
+        drawn = [c for c in trained.configurations if c.digest() in trained.trained_on]
+        return _score(spec, task, trained, [("seen", None, c) for c in drawn], dev_batches, chance)[0]
     return _cached_rows(spec, "seen.csv", recompute, compute)
 
 
@@ -320,8 +320,12 @@ def theta_off_rows(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
     def compute():
         task, trained, dev_batches, chance = _reloaded(spec)
         trained.states["shared"] = {**trained.states["shared"], "theta.gamma": torch.tensor(0.0)}
-        by_id = {c.digest(): (s, b, c) for s, b, c in evaluation_configurations(spec, trained.model.layout)}
-        evaluations = [by_id[cid] for cid in rows["configuration_id"] if cid in by_id]
+        def key(configuration_set, budget, cid):  # a random configuration has no budget (NaN in rows)
+            return configuration_set, None if pd.isna(budget) else round(float(budget), 4), cid
+
+        by_key = {key(s, b, c.digest()): (s, b, c) for s, b, c in evaluation_configurations(spec, trained.model.layout)}
+        evaluations = [by_key[k] for k in map(key, rows["configuration_set"], rows["budget"], rows["configuration_id"])
+                       if k in by_key]
         return _score(spec, task, trained, evaluations, dev_batches, chance)[0]
     return _cached_rows(spec, "theta_off.csv", recompute, compute)
 

@@ -141,7 +141,9 @@ def test_seen_rows_reload_the_trained_adapter_and_score_its_training_set(runs_in
     assert rows.loc[rows["configuration_set"] == "target", "seen"].all()
     seen = experiments.seen_rows(run)
     assert (seen["configuration_set"] == "seen").all() and seen["seen"].all()
-    assert len(seen) == len(experiments.training_configurations(run.resolved()))
+    drawn = set(experiments.training_steps(run)["configuration_id"])
+    assert set(seen["configuration_id"]) == drawn  # the configurations a step drew, each once
+    assert len(seen) == len(drawn) and drawn <= {c.digest() for c in experiments.training_configurations(run.resolved())}
     both = rows[rows["configuration_set"] == "target"].merge(seen, on="configuration_id", suffixes=("", "_reloaded"))
     assert len(both) == 2
     pd.testing.assert_series_equal(both["value"], both["value_reloaded"], check_names=False)

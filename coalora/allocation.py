@@ -253,7 +253,7 @@ def configuration_from_choice(table: CostTable, choice: np.ndarray) -> Configura
     return Configuration(table.layout, {m.name: options[j] for m, j in zip(table.layout.matrices, choice)})
 
 
-def task_fisher(backbone: str, task: str, preset: str, n_examples: int | None = None):
+def task_fisher(backbone: str, task, preset: str, n_examples: int | None = None):
     """(model, diagonal Fisher per quantized matrix, description): the per-example Fisher of the
     task loss on the first `n_examples` training examples of `task` under `preset` (token blocks for
     a causal LM). A classifier's head is the freshly initialised one of seed 0, as fine-tuning starts."""
@@ -273,7 +273,7 @@ def task_fisher(backbone: str, task: str, preset: str, n_examples: int | None = 
         batches = ({"input_ids": b[None], "labels": b[None]} for b in blocks)
     linears = models.quantized_linears(model)
     fisher = fisher_diagonal(model, linears, tqdm(batches, total=n_examples, desc="Fisher", leave=False))
-    return model, fisher, f"fisher: {task} ({data.source}), {n_examples} examples"
+    return model, fisher, f"fisher: {data.name} ({data.source}), {n_examples} examples"
 
 
 def cost_table(backbone: str, space: QuantSpace | str = "nf", weighting: str = "error", task: str | None = None,
@@ -290,10 +290,10 @@ def cost_table(backbone: str, space: QuantSpace | str = "nf", weighting: str = "
     if weighting == "error":
         label = "none"
     else:
-        from coalora.data import task_type
+        from coalora.data import task_identity, task_type
 
         count = FISHER_EXAMPLES[task_type(task)]
-        label = f"fisher{count}-{task}-{'hub' if get_preset(preset).needs_hub else 'offline'}"
+        label = f"fisher{count}-{task_identity(task)}-{'hub' if get_preset(preset).needs_hub else 'offline'}"
     identity = models.backbone_spec(backbone).cache_id
     path = assets.home() / "cost_tables" / f"{identity}.{space.name}.{label}.v{COST_TABLE_VERSION}.npz"
     if path.exists() and not recompute:

@@ -33,8 +33,8 @@ from transformers import DataCollatorWithPadding
 from coalora import assets, lora, models
 from coalora.allocation import WEIGHTINGS, allocate
 from coalora.configs import Configuration, QuantSpace, unique
-from coalora.data import lm_blocks, load_task, task_type, tokenize_classification
-from coalora.methods import check_method, method as get_method
+from coalora.data import DataSpec, lm_blocks, load_task, task_identity, task_type, tokenize_classification
+from coalora.methods import METHODS, check_method, method as get_method
 from coalora.metrics import TASK_METRICS, evaluate
 from coalora.names import check_name
 from coalora.presets import RunSize, preset as get_preset
@@ -64,7 +64,7 @@ class RunSpec:
     `search` takes a `SearchConfig` or just its mode ("pareto", "frozen", "random")."""
 
     preset: str
-    task: str
+    task: str | DataSpec  # a registered task name, or your own data
     method: str
     quantizer: str = "nf"  # the quantization space, QuantSpace.named(quantizer): "nf" or "int"
     seed: int = 0
@@ -112,7 +112,8 @@ class RunSpec:
 
     def key(self) -> str:
         """Content hash of the resolved spec and RUN_VERSION."""
-        data = {"version": RUN_VERSION, **asdict(self.resolved())}
+        # Your own data enters by its identity (a digest of its files too), so an edited file is a new run.
+        data = {"version": RUN_VERSION, **asdict(self.resolved()), "task": task_identity(self.task)}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -243,7 +244,7 @@ def _score(spec: RunSpec, task, trained, evaluations, dev_batches, chance: float
         predictions[cid] = result["per_example"]
         rows.append({
             "method": spec.method, "backbone": spec.backbone, "backbone_label": label,
-            "task": spec.task, "task_source": task.source, "stand_in": task.stand_in, "preset": spec.preset,
+            "task": task.name, "task_source": task.source, "stand_in": task.stand_in, "preset": spec.preset,
             "quantizer": spec.quantizer, "configuration_id": cid, "configuration_set": configuration_set,
             "budget": budget, "avg_bits": weight_bits if configuration is None else configuration.avg_bits,
             "seen": cid in trained.trained_on, "seed": spec.seed, "metric": metric,
@@ -279,6 +280,20 @@ def _reloaded(spec: RunSpec):
     trained = Trained(spec.method, model, training_configurations(spec), states,
                       {"shared": float(rows["train_seconds"].iloc[0])}, trained_on=trained_on)
     return task, trained, dev_batches, chance
+
+
+def trained_model(spec: RunSpec) -> lora.CoALoRAModel:
+    """The trained model of a run of a method whose one adapter serves every configuration (CoA-LoRA,
+    its theta-free twin, Shared-LoRA), from the cache (the run is computed first if needed): to save
+    (`save_pretrained`), materialize or serve. Call `set_configuration` before running it."""
+    spec = spec.resolved()
+    if not get_method(spec.method).serves_any_configuration:
+        raise ValueError(f"method {spec.method!r} trains one adapter per configuration; a trained model that "
+                         f"serves any configuration comes from: "
+                         f"{', '.join(m for m, v in METHODS.items() if v.serves_any_configuration)}")
+    _, trained, _, _ = _reloaded(spec)
+    lora.load_adapter_state(trained.model, trained.states["shared"])
+    return trained.model
 
 
 def _cached_rows(spec: RunSpec, name: str, recompute: bool, compute) -> pd.DataFrame:
@@ -335,9 +350,9 @@ def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
     spec = spec.resolved()
     folder = run_dir(spec)
     if (folder / "rows.csv").exists() and not recompute:
-        logger.info("cache hit %s (%s %s seed %d)", folder.name, spec.method, spec.task, spec.seed)
+        logger.info("cache hit %s (%s %s seed %d)", folder.name, spec.method, task_identity(spec.task), spec.seed)
         return _read_rows(folder, spec)
-    logger.info("running %s (%s %s seed %d)", folder.name, spec.method, spec.task, spec.seed)
+    logger.info("running %s (%s %s seed %d)", folder.name, spec.method, task_identity(spec.task), spec.seed)
     rows, predictions, states, history, steps, search_rows = _execute(spec)
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))

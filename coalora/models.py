@@ -9,6 +9,7 @@ classification head or lm_head (docs/method.md#configuration-space). `matrix_lay
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -65,12 +66,23 @@ class BackboneSpec:
     @property
     def cache_id(self) -> str:
         """A file-name-safe identity for caches (cost tables): the registered name, the hub id with
-        "--" for "/", or a local folder's name and a digest of its path and config."""
+        "--" for "/", or for a local folder its family and a digest of its config and weights (so a
+        copied or moved model keeps its identity, and a changed one gets a new one)."""
         if self.folder is None:
             return self.name.replace("/", "--")
-        config = (Path(self.folder) / "config.json").read_bytes()
-        digest = hashlib.sha256(str(Path(self.folder).resolve()).encode() + config).hexdigest()[:10]
-        return f"{Path(self.folder).name}-{digest}"
+        return f"{self.family}-{_folder_digest(str(Path(self.folder).resolve()))}"
+
+
+@functools.lru_cache(maxsize=None)
+def _folder_digest(folder: str) -> str:
+    """sha256 of a model folder's config.json and weight files (read once per process)."""
+    h = hashlib.sha256((Path(folder) / "config.json").read_bytes())
+    for weights in sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.bin")):
+        h.update(weights.name.encode())
+        with open(weights, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()[:12]
 
 
 BACKBONES = {spec.name: spec for spec in (

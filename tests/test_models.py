@@ -190,7 +190,11 @@ def test_a_local_folder_is_a_backbone_with_its_family_and_its_own_cache_identity
             (folder / f.name).symlink_to(f)
     spec = models.backbone_spec(str(folder))
     assert (spec.family, spec.architecture, spec.offline, spec.folder) == ("bert", "encoder", True, str(folder))
-    assert spec.cache_id.startswith("my-minilm-") and "/" not in spec.cache_id
+    assert spec.cache_id.startswith("bert-") and "/" not in spec.cache_id
+    moved = tmp_path / "elsewhere"
+    folder.rename(moved)
+    assert models.backbone_spec(str(moved)).cache_id == spec.cache_id  # the same model, by content
+    moved.rename(folder)
     model, _ = models.load_backbone(str(folder), num_labels=3)
     reference, _ = models.load_backbone("minilm-l6", num_labels=3)
     layout = models.matrix_layout(model, str(folder))

@@ -7,7 +7,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-TORCH  ?= torch==2.13.0
+TORCH  ?= $(shell grep '^torch==' constraints.txt)
 STAMP  := $(VENV)/.coalora-installed
 
 .PHONY: install assets test reproduce scaling bench clean-venv
@@ -34,12 +34,14 @@ test: assets
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 PRESET    ?= default
 
+# --log-output shows each cell as it starts ("Executing Cell N") and its output (training progress bars).
 reproduce: assets
+	@$(if $(filter large,$(PRESET)),$(PY) -m coalora.assets fetch --large)
 	@mkdir -p out/notebooks/$(PRESET)
 	@for nb in $(NOTEBOOKS); do \
 		echo "papermill $$nb (preset $(PRESET))"; \
 		$(PY) -m papermill $$nb out/notebooks/$(PRESET)/$$(basename $$nb) -p preset $(PRESET) -k python3 \
-			--no-progress-bar || exit 1; \
+			--log-output --no-progress-bar || exit 1; \
 	done
 
 # Every benchmark in bench/, one after another (two torch processes on 2 cores slow each other

@@ -43,6 +43,7 @@ def _train(args) -> int:
     from coalora.data import DataSpec
     from coalora.experiments import RunSpec, run_experiment, trained_model
     from coalora.presets import preset
+    from coalora.repro import processes
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -53,9 +54,13 @@ def _train(args) -> int:
     size = replace(size, **{k: v for k, v in (("epochs", args.epochs), ("n_train", args.n_train)) if v is not None})
     spec = RunSpec(preset=args.preset, task=data, method=args.method, quantizer=args.quantizer, seed=args.seed,
                    backbone=args.model, size=size, weighting=args.weighting)
-    _print_rows(run_experiment(spec))
-    saved = trained_model(spec).save_pretrained(out)
-    print(f"saved {args.method} to {saved}")
+    rows = run_experiment(spec)
+    model = trained_model(spec)
+    state = processes()
+    if state.is_main_process:  # under `accelerate launch`, one process writes
+        _print_rows(rows)
+        print(f"saved {args.method} to {model.save_pretrained(out)}")
+    state.wait_for_everyone()
     return 0
 
 

@@ -38,7 +38,7 @@ from coalora.methods import METHODS, check_method, method as get_method
 from coalora.metrics import TASK_METRICS, evaluate
 from coalora.names import check_name
 from coalora.presets import RunSize, preset as get_preset
-from coalora.repro import atomic_path, provenance, seed_everything, write_json_atomic
+from coalora.repro import atomic_path, from_main, processes, provenance, seed_everything, write_json_atomic
 from coalora.search import ConfigurationSearch, SearchConfig, fixed_batches
 from coalora.training import FULL_PRECISION, HyperParams, Trained, train
 
@@ -349,11 +349,21 @@ def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
     """Tidy result rows of `spec`, from the cache when present (unless `recompute`)."""
     spec = spec.resolved()
     folder = run_dir(spec)
-    if (folder / "rows.csv").exists() and not recompute:
+    state = processes()
+    if from_main((folder / "rows.csv").exists() and not recompute):  # under `accelerate launch` the main decides
         logger.info("cache hit %s (%s %s seed %d)", folder.name, spec.method, task_identity(spec.task), spec.seed)
         return _read_rows(folder, spec)
     logger.info("running %s (%s %s seed %d)", folder.name, spec.method, task_identity(spec.task), spec.seed)
     rows, predictions, states, history, steps, search_rows = _execute(spec)
+    if state.is_main_process:
+        _write_run(folder, spec, rows, predictions, states, history, steps, search_rows)
+    state.wait_for_everyone()
+    return _read_rows(folder, spec)
+
+
+def _write_run(folder: Path, spec: RunSpec, rows, predictions, states, history, steps, search_rows) -> None:
+    """Write a run's files into a fresh folder beside `folder` and rename it into place: a run folder
+    is whole or absent."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
@@ -371,7 +381,6 @@ def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
     finally:
         if work.exists():
             shutil.rmtree(work)
-    return _read_rows(folder, spec)
 
 
 def predictions(spec: RunSpec) -> dict[str, np.ndarray]:

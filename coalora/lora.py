@@ -343,19 +343,6 @@ def override_base_weight(model: CoALoRAModel, name: str, weight: torch.Tensor) -
     base.weight = nn.Parameter(weight.to(base.weight.device, base.weight.dtype), requires_grad=False)
 
 
-def disable_bnb_cpu_repacking(model: nn.Module) -> int:
-    """Stop bitsandbytes from repacking `Linear4bit` weights for AVX-512 BF16 CPU inference and return
-    how many layers were changed. The repacked layout has no autograd kernel, so after one eval-mode
-    forward under no_grad every later backward through those layers gives zero gradients
-    (docs/measurements.md#bitsandbytes-on-cpu). Call it right after loading a bitsandbytes 4-bit model."""
-    import bitsandbytes as bnb
-
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    for layer in layers:
-        layer.support_avx512bf16_for_cpu = False
-    return len(layers)
-
-
 # ---- save and reload --------------------------------------------------------------------------------
 
 def _saved_config(model: CoALoRAModel) -> dict:

@@ -168,13 +168,43 @@ def _hub_offline() -> bool:
                for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+# Modules bitsandbytes must leave in full precision when it loads a backbone in 4 bits: everything that
+# is not a quantized matrix of the family (heads, pooler); transformers skips a module whose name
+# contains one of these.
+NOT_QUANTIZED = ["classifier", "pooler", "score", "lm_head"]
+
+
+def bnb_4bit_config():
+    """bitsandbytes' NF4 with double-quantized scales (configs.BNB_NF4) on the quantized matrices,
+    computing in float32, as the deployment path of a materialized adapter."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=NOT_QUANTIZED)
+
+
+def disable_bnb_cpu_repacking(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking `Linear4bit` weights for AVX-512 BF16 CPU inference and return
+    how many layers were changed. The repacked layout has no autograd kernel, so after one eval-mode
+    forward under no_grad every later backward through those layers gives zero gradients
+    (docs/measurements.md#bitsandbytes-on-cpu). `load_backbone(..., four_bit=True)` calls it."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def load_backbone(name: str, task_type: str = "classification", num_labels: int = 2,
-                  dtype: torch.dtype | str | None = None):
+                  dtype: torch.dtype | str | None = None, four_bit: bool = False):
     """Load backbone `name` for `task_type` and return `(model, tokenizer)`, in eval mode, on CPU.
 
     Classification uses AutoModelForSequenceClassification with `num_labels`: its head is newly
     (randomly) initialised - that is what fine-tuning trains - so seed before calling. Causal LMs
     get their eos token as pad token when they have none. `dtype` defaults to the spec's.
+    `four_bit` loads the quantized matrices as real bitsandbytes NF4 layers (`bnb_4bit_config`), the
+    base a materialized adapter at the uniform configs.BNB_NF4 configuration is deployed on.
     Offline backbones load from `coalora.assets`; hub backbones need the model hub (or its cache)
     and raise a RuntimeError naming the offline backbones when it cannot be reached.
     """
@@ -190,6 +220,8 @@ def load_backbone(name: str, task_type: str = "classification", num_labels: int 
     else:
         auto, model_kwargs = AutoModelForCausalLM, {}
     dtype = spec.dtype if dtype is None else dtype
+    if four_bit:
+        model_kwargs |= {"quantization_config": bnb_4bit_config(), "device_map": "cpu"}
 
     start = time.perf_counter()
     if spec.offline:
@@ -215,6 +247,8 @@ def load_backbone(name: str, task_type: str = "classification", num_labels: int 
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
+    if four_bit:
+        disable_bnb_cpu_repacking(model)
     model.eval()
     log.info("loaded %s for %s (%s) in %.1f s", spec.label, task_type, model.dtype, time.perf_counter() - start)
     return model, tokenizer

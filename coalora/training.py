@@ -37,7 +37,7 @@ from coalora.configs import Configuration
 from coalora.methods import method as get_method
 from coalora.names import check_name
 from coalora.quant import fake_quantize
-from coalora.repro import seed_everything
+from coalora.repro import from_main, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +322,9 @@ def train(method: str, model: torch.nn.Module, configurations: Sequence[Configur
 
     def end_epoch(epoch: int) -> None:
         if refine is not None:
-            pool[:] = refine(epoch, model, list(pool))
+            # Under `accelerate launch` every process trains on the main process's refined set, so the
+            # seeded draws from it (rng above) agree too.
+            pool[:] = from_main(refine(epoch, model, list(pool)))
             if not pool:
                 raise ValueError("the configuration search returned an empty training set")
         history.append({"epoch": epoch, "pool": [c.digest() for c in pool]})

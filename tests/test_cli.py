@@ -114,3 +114,28 @@ def test_python_dash_m_coalora_shows_every_command():
     out = subprocess.run([sys.executable, "-m", "coalora", "--help"], capture_output=True, text=True, check=True)
     for command in ("run", "train", "materialize", "allocate"):
         assert command in out.stdout
+
+
+def test_two_processes_under_accelerate_launch_train_once_and_write_one_result(home, model_folder, reviews,
+                                                                                 tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo; `--multi_gpu` is accelerate's flag for several
+    local processes): data-parallel training, one run folder and one saved model, written by the main
+    process only."""
+    import os
+    from pathlib import Path
+
+    out = tmp_path / "saved"
+    launcher = Path(sys.executable).parent / "accelerate"
+    command = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "coalora", "train",
+               "--model", str(model_folder), "--data", str(reviews), "--task-type", "classification",
+               "--text", "review", "--label", "stars", "--preset", "smoke", "--weighting", "error",
+               "--out", str(out)]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("saved coalora to") == 1  # the main process alone prints and writes
+    assert sorted(p.name for p in out.iterdir()) == sorted([lora.SAVED_CONFIG, lora.SAVED_WEIGHTS])
+    runs = list((home / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "rows.csv").exists()  # one run folder, no staging left behind
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -3,8 +3,10 @@ content-hash cache (hit, miss, recompute) and interrupted-run cleanliness."""
 
 import pandas as pd
 import pytest
+import torch
 
-from coalora import experiments
+from coalora import experiments, lora, models
+from coalora.configs import Configuration
 from coalora.experiments import RunSpec, run_experiment
 from coalora.presets import RunSize
 from coalora.search import SearchConfig
@@ -224,3 +226,36 @@ def test_theta_off_rescores_every_configuration_of_the_run(runs_in_tmp):
     assert (off["search"] == "frozen").all() and (runs_in_tmp / run.key() / "theta_off.csv").exists()
     with pytest.raises(ValueError, match="needs a method with theta"):
         experiments.theta_off_rows(spec("qlora"))
+
+
+def test_a_trained_model_serves_as_real_bitsandbytes_nf4_layers(runs_in_tmp, tmp_path):
+    """The deployment path: a smoke-trained CoA-LoRA materialized at uniform NF4 (what bitsandbytes holds
+    natively) and loaded with PEFT on MiniLM-L6 in real 4-bit layers predicts as the fake-quantized model
+    on >= 99 % of the 872 dev sentences."""
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from transformers import DataCollatorWithPadding
+
+    from coalora.configs import BNB_NF4
+    from coalora.data import load_task, tokenize_classification
+
+    run = spec("coalora", size=None, hp=None, eval_budgets=None, unseen_budgets=None)  # the smoke preset's run
+    model = experiments.trained_model(run)
+    configuration = Configuration.uniform(model.layout, BNB_NF4)
+    lora.materialize(model, configuration).save_pretrained(tmp_path / "adapter")
+    base, tokenizer = models.load_backbone("minilm-l6", num_labels=2, four_bit=True)
+    assert len(models.quantized_linears(base)) == 36 and all(
+        isinstance(m, bnb.nn.Linear4bit) for m in models.quantized_linears(base).values())
+    assert not isinstance(base.classifier, bnb.nn.Linear4bit) and not isinstance(base.bert.pooler.dense,
+                                                                                  bnb.nn.Linear4bit)
+    deployed = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    lora.set_configuration(model, configuration).eval()
+    dev = tokenize_classification(load_task("sst2", "default").dev, tokenizer, 64)
+    collate, agree = DataCollatorWithPadding(tokenizer), []
+    with torch.no_grad():
+        for start in range(0, len(dev), 64):
+            batch = collate([dev[i] for i in range(start, min(start + 64, len(dev)))])
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+            agree.append(model(**inputs).logits.argmax(-1) == deployed(**inputs).logits.argmax(-1))
+    agreement = torch.cat(agree).float().mean().item()
+    assert len(dev) == 872 and agreement >= 0.99, agreement

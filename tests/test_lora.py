@@ -404,7 +404,7 @@ def test_disable_bnb_cpu_repacking_keeps_gradients():
     def lora_a_grad(eval_first: bool) -> torch.Tensor:
         torch.manual_seed(0)
         net = TwoLayers().to("cpu")  # quantizes
-        assert lora.disable_bnb_cpu_repacking(net) == 2
+        assert models.disable_bnb_cpu_repacking(net) == 2
         # LoRA on `up` only: its A gets gradient solely through `down`'s 4-bit weight.
         peft_model = get_peft_model(net, LoraConfig(r=4, target_modules=["up"]))
         nn.init.normal_(peft_model.base_model.model.up.lora_B["default"].weight, std=0.1)

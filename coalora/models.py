@@ -169,9 +169,9 @@ def _hub_offline() -> bool:
 
 
 # Modules bitsandbytes must leave in full precision when it loads a backbone in 4 bits: everything that
-# is not a quantized matrix of the family (heads, pooler); transformers skips a module whose name
-# contains one of these.
-NOT_QUANTIZED = ["classifier", "pooler", "score", "lm_head"]
+# is not a quantized matrix of the family (heads, pooler). transformers matches these as regexes from
+# the start of a module's name, up to a "." (so "bert.pooler.dense" needs ".*pooler").
+NOT_QUANTIZED = [".*classifier", ".*pooler", ".*score", ".*lm_head"]
 
 
 def bnb_4bit_config():

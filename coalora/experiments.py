@@ -121,6 +121,13 @@ def run_dir(spec: RunSpec) -> Path:
     return assets.home() / "runs" / spec.key()
 
 
+def checkpoint_path(spec: RunSpec) -> Path:
+    """Where a run's training checkpoint lives until the run is written: an interrupted run resumes
+    from its last epoch (or configuration)."""
+    folder = run_dir(spec)
+    return folder.with_name(f".{folder.name}.checkpoint.pt")
+
+
 # ---- data ----------------------------------------------------------------------------------------
 
 def _batches(task, tokenizer, spec: RunSpec, split: str, shuffle: bool) -> DataLoader:
@@ -261,7 +268,8 @@ def _execute(spec: RunSpec):
         held_out = _batches(task, tokenizer, spec, "search", shuffle=False)
         search = ConfigurationSearch(spec.search, QuantSpace.named(spec.quantizer), layout,
                                      fixed_batches(held_out, spec.search.batches), spec.seed)
-    trained = train(spec.method, model, training_configurations(spec), train_batches, spec.hp, spec.seed, search)
+    trained = train(spec.method, model, training_configurations(spec), train_batches, spec.hp, spec.seed, search,
+                    checkpoint=checkpoint_path(spec))
     evaluations = [(configuration_set, budget, configuration)
                    for configuration_set, budget, configuration in evaluation_configurations(spec, layout)
                    if not (configuration_set == "unseen" and configuration.digest() in trained.trained_on)]
@@ -357,6 +365,7 @@ def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
     rows, predictions, states, history, steps, search_rows = _execute(spec)
     if state.is_main_process:
         _write_run(folder, spec, rows, predictions, states, history, steps, search_rows)
+        checkpoint_path(spec).unlink(missing_ok=True)  # the run is whole: nothing to resume
     state.wait_for_everyone()
     return _read_rows(folder, spec)
 

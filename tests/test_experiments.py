@@ -95,7 +95,55 @@ def test_interrupted_write_leaves_no_partial_folder(runs_in_tmp, monkeypatch):
     monkeypatch.setattr(experiments, "save_file", fail)
     with pytest.raises(OSError, match="disk full"):
         run_experiment(spec("shared"))
-    assert not any(runs_in_tmp.iterdir())
+    # no run folder, whole or partial: only the training checkpoint a rerun resumes from
+    assert [p.name for p in runs_in_tmp.iterdir()] == [experiments.checkpoint_path(spec("shared")).name]
+
+
+@pytest.mark.parametrize(("method", "fields"), [
+    ("coalora", {"search": "pareto", "hp": HyperParams(epochs=2, configs_per_step=2)}),
+    ("qlora", {"eval_budgets": (3.0, 4.0)}),
+], ids=["coalora-pareto", "qlora"])
+def test_an_interrupted_training_resumes_from_its_checkpoint_to_the_same_result(method, fields, runs_in_tmp,
+                                                                                monkeypatch):
+    """Stopped right after its first checkpoint (epoch 1 of 2; configuration 1 of 2), a rerun resumes and
+    ends with the uninterrupted run's adapters, rows, losses and search rounds."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from coalora import training
+
+    run = spec(method, **fields)
+    calls = []
+    counted = training._backward
+    monkeypatch.setattr(training, "_backward", lambda *a, **k: calls.append(1) or counted(*a, **k))
+    whole = run_experiment(run)
+    n_whole = len(calls)
+    folder = runs_in_tmp / run.key()
+    kept = {name: (folder / name).read_text() for name in ("steps.csv", "search.csv", "history.json")}
+    adapters = load_file(folder / "adapters.safetensors")
+    shutil.rmtree(folder)
+    real = training._save_checkpoint
+
+    def save_then_stop(path, data):
+        real(path, data)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(run)
+    assert experiments.checkpoint_path(run).exists() and not folder.exists()
+    monkeypatch.setattr(training, "_save_checkpoint", real)
+    calls.clear()
+    resumed = run_experiment(run)
+    assert len(calls) == n_whole // 2  # the second half only: epoch 2 of 2, or configuration 2 of 2
+    assert not experiments.checkpoint_path(run).exists()
+    timing = ["train_seconds", "eval_seconds"]
+    pd.testing.assert_frame_equal(resumed.drop(columns=timing), whole.drop(columns=timing))
+    again = load_file(folder / "adapters.safetensors")
+    assert again.keys() == adapters.keys() and all(torch.equal(again[k], adapters[k]) for k in adapters)
+    for name, text in kept.items():
+        assert (folder / name).read_text() == text, name
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

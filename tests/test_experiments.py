@@ -232,8 +232,8 @@ def test_seen_marks_trained_on_configurations_not_the_last_pool(runs_in_tmp, mon
     real = training.train
     trained_pool = {}
 
-    def spy(method, model, configurations, batches, hp, seed, refine=None):
-        trained = real(method, model, configurations, batches, hp, seed, refine)
+    def spy(method, model, configurations, batches, hp, seed, refine=None, **kwargs):
+        trained = real(method, model, configurations, batches, hp, seed, refine, **kwargs)
         trained_pool["trained_on"] = set(trained.trained_on)
         trained_pool["final"] = {c.digest() for c in trained.configurations}
         return trained

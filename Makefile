@@ -7,7 +7,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-TORCH  ?= torch==2.13.0
+TORCH  ?= $(shell grep '^torch==' constraints.txt)
 STAMP  := $(VENV)/.coalora-installed
 
 .PHONY: install assets test reproduce scaling bench clean-venv

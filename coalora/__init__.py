@@ -10,7 +10,7 @@ from coalora.configs import Configuration, LayerQuant, Layout, MatrixSpec, Quant
 from coalora.data import load_task
 from coalora.experiments import RunSpec, run_experiment
 from coalora.hypernet import ConfigAwareModel
-from coalora.lora import build_lora_model, materialize, set_configuration
+from coalora.lora import build_lora_model, from_pretrained, materialize, set_configuration
 from coalora.methods import METHODS
 from coalora.metrics import evaluate, hypervolume
 from coalora.models import load_backbone
@@ -23,6 +23,6 @@ from coalora.training import train
 __all__ = [
     "METHODS", "PRESETS", "ConfigAwareModel", "Configuration", "LayerQuant", "Layout", "MatrixSpec", "QuantSpace",
     "RunSpec", "SearchConfig",
-    "allocate", "build_lora_model", "evaluate", "fake_quantize", "hypervolume", "load_backbone", "load_task",
+    "allocate", "build_lora_model", "evaluate", "fake_quantize", "from_pretrained", "hypervolume", "load_backbone", "load_task",
     "materialize", "provenance", "run_experiment", "seed_everything", "set_configuration", "storage_bits", "train",
 ]

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.sparse
@@ -28,7 +28,7 @@ from coalora.configs import Configuration, LayerQuant, Layout, MatrixSpec, Quant
 from coalora.names import check_name
 from coalora.presets import preset as get_preset
 from coalora.quant import double_quantize_scales, snap_to_code, to_blocks
-from coalora.repro import atomic_path
+from coalora.repro import atomic_path, from_main, processes
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def configuration_from_choice(table: CostTable, choice: np.ndarray) -> Configura
     return Configuration(table.layout, {m.name: options[j] for m, j in zip(table.layout.matrices, choice)})
 
 
-def task_fisher(backbone: str, task: str, preset: str, n_examples: int | None = None):
+def task_fisher(backbone: str, task, preset: str, n_examples: int | None = None):
     """(model, diagonal Fisher per quantized matrix, description): the per-example Fisher of the
     task loss on the first `n_examples` training examples of `task` under `preset` (token blocks for
     a causal LM). A classifier's head is the freshly initialised one of seed 0, as fine-tuning starts."""
@@ -273,7 +273,7 @@ def task_fisher(backbone: str, task: str, preset: str, n_examples: int | None = 
         batches = ({"input_ids": b[None], "labels": b[None]} for b in blocks)
     linears = models.quantized_linears(model)
     fisher = fisher_diagonal(model, linears, tqdm(batches, total=n_examples, desc="Fisher", leave=False))
-    return model, fisher, f"fisher: {task} ({data.source}), {n_examples} examples"
+    return model, fisher, f"fisher: {data.name} ({data.source}), {n_examples} examples"
 
 
 def cost_table(backbone: str, space: QuantSpace | str = "nf", weighting: str = "error", task: str | None = None,
@@ -290,13 +290,23 @@ def cost_table(backbone: str, space: QuantSpace | str = "nf", weighting: str = "
     if weighting == "error":
         label = "none"
     else:
-        from coalora.data import task_type
+        from coalora.data import task_identity, task_type
 
         count = FISHER_EXAMPLES[task_type(task)]
-        label = f"fisher{count}-{task}-{'hub' if get_preset(preset).needs_hub else 'offline'}"
-    path = assets.home() / "cost_tables" / f"{backbone}.{space.name}.{label}.v{COST_TABLE_VERSION}.npz"
-    if path.exists() and not recompute:
-        return CostTable.load(path)
+        label = f"fisher{count}-{task_identity(task)}-{'hub' if get_preset(preset).needs_hub else 'offline'}"
+    identity = models.backbone_spec(backbone).cache_id
+    path = assets.home() / "cost_tables" / f"{identity}.{space.name}.{label}.v{COST_TABLE_VERSION}.npz"
+    # A local folder's table is cached by content: its layout is named as this caller names the model.
+    def load():
+        table = CostTable.load(path)
+        return replace(table, layout=replace(table.layout, backbone=backbone))
+
+    state = processes()
+    if from_main(path.exists() and not recompute):  # under `accelerate launch` the main process decides
+        return load()
+    if not state.is_main_process:  # it computes the table; the others read it
+        state.wait_for_everyone()
+        return load()
     if weighting == "fisher":
         model, importance, description = task_fisher(backbone, task, preset)
     else:
@@ -307,6 +317,7 @@ def cost_table(backbone: str, space: QuantSpace | str = "nf", weighting: str = "
     table = compute_cost_table(weights, layout, space, importance, description, fraction=sample_fraction(layout))
     table.save(path)
     logger.info("saved cost table %s (errors from %.1f%% of the weights)", path, 100 * sample_fraction(layout))
+    state.wait_for_everyone()
     return table
 
 

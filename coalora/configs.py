@@ -74,6 +74,11 @@ class LayerQuant:
         return cls(**d)
 
 
+# What bitsandbytes' 4-bit layers hold natively (NF4, bnb_4bit_use_double_quant): NF4 codes in blocks of
+# 64 whose absmax scales are stored in 8 bits, in groups of 256 with an fp32 second-level scale.
+BNB_NF4 = LayerQuant("nf", 4, 8, "fp32", 64, 256)
+
+
 @dataclass(frozen=True)
 class QuantSpace:
     """The per-matrix choices a search or allocation may pick from (432 options per matrix for the

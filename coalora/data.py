@@ -19,10 +19,14 @@ model inputs.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
+import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 
 import datasets
 import torch
@@ -31,7 +35,7 @@ from tqdm.auto import tqdm
 
 from coalora import assets
 from coalora.names import lookup
-from coalora.presets import OFFLINE_PRESETS, preset as get_preset
+from coalora.presets import OFFLINE_PRESETS, check_task_type, preset as get_preset
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +62,12 @@ class TaskData:
     train: Dataset
     dev: Dataset
 
+    task_type_: str | None = None  # your own data's; None: the task registry's
+
     @property
     def task_type(self) -> str:
-        """"classification" or "causal-lm", from the task registry."""
-        return task_type(self.name)
+        """"classification" or "causal-lm"."""
+        return self.task_type_ or task_type(self.name)
 
 
 Loader = Callable[[str], TaskData]  # preset -> TaskData
@@ -228,13 +234,175 @@ TASKS: dict[str, _Sources] = {
 }
 
 
-def task_type(name: str) -> str:
-    """The task type of task `name` ("classification" or "causal-lm"), without loading its data."""
-    return lookup(TASKS, name, "task").task_type
+# --- your own data ------------------------------------------------------------------------------
+
+FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+DEV_FRACTION = 0.1  # of a file without a given dev split, drawn with `DataSpec.seed`
 
 
-def load_task(name: str, preset: str) -> TaskData:
-    """Resolve task `name` under `preset` and load it (offline data must have been fetched)."""
+@dataclass(frozen=True)
+class DataSpec:
+    """A dataset of your own, for `load_task` and `RunSpec(task=...)`: a local CSV / TSV / JSON lines /
+    parquet file, or a model-hub dataset id, with an explicit task type.
+
+    Classification reads `text` (and `text_pair`, for sentence pairs) and `label` (any values, two or
+    more classes; sorted, they become class 0, 1, ...); a causal LM reads `text`. The dev split is
+    `dev` (a second file, or a split name of a hub dataset) or else a seeded DEV_FRACTION of the
+    training file. `name` labels results (default: the file's stem or the dataset id).
+    """
+
+    path: str
+    task_type: str
+    text: str = "text"
+    text_pair: str | None = None
+    label: str | None = "label"
+    dev: str | None = None
+    train_split: str = "train"  # of a hub dataset
+    seed: int = 0
+    name: str | None = None
+
+    def __post_init__(self):
+        check_task_type(self.task_type)
+        if self.task_type == "causal-lm" and self.text_pair is not None:
+            raise ValueError("a causal-LM dataset reads one text column; text_pair is for classification")
+
+    @property
+    def title(self) -> str:
+        return self.name or (Path(self.path).stem if self._is_file(self.path) else self.path)
+
+    @staticmethod
+    def _is_file(path: str) -> bool:
+        return Path(path).suffix.lower() in FILE_FORMATS or Path(path).exists()
+
+    def identity(self) -> str:
+        """A name for caches: the title and a digest of the spec and of each local file's bytes, so
+        an edited file is new data."""
+        h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
+        for path in (self.path, self.dev):
+            if path is not None and Path(path).is_file():
+                h.update(Path(path).read_bytes())
+        safe = re.sub(r"[^\w.-]+", "-", self.title)
+        return f"{safe}-{h.hexdigest()[:10]}"
+
+
+def _read_file(path: str) -> Dataset:
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"data file {path!r} does not exist")
+    kind = FILE_FORMATS.get(file.suffix.lower())
+    if kind is None:
+        raise ValueError(f"data file {path!r} has an unknown format {file.suffix!r}; valid: {', '.join(FILE_FORMATS)}")
+    try:
+        if kind == "csv":
+            data = Dataset.from_csv(str(file), sep="\t" if file.suffix.lower() == ".tsv" else ",",
+                                    keep_in_memory=True)
+        elif kind == "json":
+            data = Dataset.from_json(str(file), keep_in_memory=True)
+        else:
+            data = Dataset.from_parquet(str(file), keep_in_memory=True)
+    except Exception as err:  # pandas / pyarrow raise many types for a malformed file
+        raise ValueError(f"could not read data file {path!r} as {kind}: {type(err).__name__}: {err}") from err
+    if len(data) == 0:
+        raise ValueError(f"data file {path!r} has no rows")
+    return data
+
+
+def _checked(data: Dataset, spec: DataSpec, where: str) -> Dataset:
+    """The spec's columns of `data`, renamed to text / text_pair / label, with clear errors."""
+    wanted = {spec.text: "text"}
+    if spec.task_type == "classification":
+        if spec.label is None:
+            raise ValueError("a classification dataset needs a label column: DataSpec(label=...)")
+        wanted |= ({spec.text_pair: "text_pair"} if spec.text_pair else {}) | {spec.label: "label"}
+    missing = [c for c in wanted if c not in data.column_names]
+    if missing:
+        raise ValueError(f"{where} has no column {', '.join(map(repr, missing))}; its columns: "
+                         f"{', '.join(data.column_names)}")
+    data = data.select_columns(list(wanted)).rename_columns({k: v for k, v in wanted.items() if k != v})
+    for column in ("text", "text_pair"):
+        if column in data.column_names:
+            empty = [i for i, t in enumerate(data[column]) if t is None or not str(t).strip()]
+            if empty:
+                raise ValueError(f"{where}: {len(empty)} rows have an empty {column} column "
+                                 f"(first at row {empty[0]}); remove them or fill them in")
+    return data
+
+
+def _labelled(train: Dataset, dev: Dataset, where: str) -> tuple[Dataset, Dataset, int]:
+    """Labels of any type made ClassLabel 0..K-1 from the sorted training labels."""
+    names = sorted({str(v) for v in train["label"]})
+    if len(names) < 2:
+        raise ValueError(f"{where}: the label column has a single class ({names[0]!r}); classification needs two or more")
+    unknown = sorted({str(v) for v in dev["label"]} - set(names))
+    if unknown:
+        raise ValueError(f"{where}: the dev split has labels the training split lacks: {unknown[:5]}")
+    index = {n: i for i, n in enumerate(names)}
+    features = lambda d: Features({**{c: Value("string") for c in d.column_names if c != "label"},  # noqa: E731
+                                   "label": ClassLabel(names=names)})
+    out = [d.map(lambda b: {"label": [index[str(v)] for v in b["label"]],
+                            **{c: [str(t) for t in b[c]] for c in d.column_names if c != "label"}},
+                 batched=True, features=features(d)) for d in (train, dev)]
+    return out[0], out[1], len(names)
+
+
+def load_data(spec: DataSpec, preset: str) -> TaskData:
+    """Load a `DataSpec` as a TaskData (files are read whole; a hub dataset needs the hub)."""
+    if DataSpec._is_file(spec.path):
+        train = _checked(_read_file(spec.path), spec, repr(spec.path))
+        if spec.dev is not None:
+            dev = _checked(_read_file(spec.dev), spec, repr(spec.dev))
+            split_note = f"dev {spec.dev}"
+        else:
+            if len(train) < 10:
+                raise ValueError(f"{spec.path!r} has {len(train)} rows, too few to split off a dev set; give dev=...")
+            split = train.train_test_split(test_size=DEV_FRACTION, seed=spec.seed)
+            train, dev = split["train"], split["test"]
+            split_note = f"dev: a seeded {DEV_FRACTION:.0%} of it (seed {spec.seed})"
+        source = f"{spec.path} (local file; {split_note})"
+    else:
+        try:
+            hub = datasets.load_dataset(spec.path)
+        except (ConnectionError, FileNotFoundError, ValueError) as err:
+            raise ValueError(f"{spec.path!r} is neither a data file ({', '.join(FILE_FORMATS)}) nor a dataset the "
+                             f"model hub could give: {type(err).__name__}: {err}") from err
+        if spec.train_split not in hub:
+            raise ValueError(f"hub dataset {spec.path!r} has no split {spec.train_split!r}; its splits: {', '.join(hub)}")
+        train = _checked(hub[spec.train_split], spec, f"{spec.path}[{spec.train_split}]")
+        if spec.dev is not None:
+            if spec.dev not in hub:
+                raise ValueError(f"hub dataset {spec.path!r} has no split {spec.dev!r}; its splits: {', '.join(hub)}")
+            dev = _checked(hub[spec.dev], spec, f"{spec.path}[{spec.dev}]")
+        else:
+            split = train.train_test_split(test_size=DEV_FRACTION, seed=spec.seed)
+            train, dev = split["train"], split["test"]
+        source = f"{spec.path} (model hub: {spec.train_split} / {spec.dev or 'seeded split'})"
+    num_labels = None
+    if spec.task_type == "classification":
+        train, dev, num_labels = _labelled(train, dev, repr(spec.path))
+    return TaskData(name=spec.title, preset=preset, source=source, stand_in=False, num_labels=num_labels,
+                    train=train, dev=dev, task_type_=spec.task_type)
+
+
+def task_type(task: str | DataSpec) -> str:
+    """The task type of a task name or DataSpec ("classification" or "causal-lm"), without loading data."""
+    if isinstance(task, DataSpec):
+        return task.task_type
+    return lookup(TASKS, task, "task").task_type
+
+
+def task_identity(task: str | DataSpec) -> str:
+    """A file-name-safe identity of a task for caches: its name, or a DataSpec's `identity()`."""
+    if isinstance(task, DataSpec):
+        return task.identity()
+    lookup(TASKS, task, "task")  # raises for an unknown name
+    return task
+
+
+def load_task(name: str | DataSpec, preset: str) -> TaskData:
+    """Resolve task `name` under `preset` and load it (offline data must have been fetched); a
+    DataSpec loads your own data (`load_data`)."""
+    if isinstance(name, DataSpec):
+        return load_data(name, preset)
     sources = lookup(TASKS, name, "task")
     if get_preset(preset).needs_hub:
         loader = sources.paper

@@ -33,12 +33,12 @@ from transformers import DataCollatorWithPadding
 from coalora import assets, lora, models
 from coalora.allocation import WEIGHTINGS, allocate
 from coalora.configs import Configuration, QuantSpace, unique
-from coalora.data import lm_blocks, load_task, task_type, tokenize_classification
-from coalora.methods import check_method, method as get_method
+from coalora.data import DataSpec, lm_blocks, load_task, task_identity, task_type, tokenize_classification
+from coalora.methods import METHODS, check_method, method as get_method
 from coalora.metrics import TASK_METRICS, evaluate
 from coalora.names import check_name
 from coalora.presets import RunSize, preset as get_preset
-from coalora.repro import atomic_path, provenance, seed_everything, write_json_atomic
+from coalora.repro import atomic_path, from_main, processes, provenance, seed_everything, write_json_atomic
 from coalora.search import ConfigurationSearch, SearchConfig, fixed_batches
 from coalora.training import FULL_PRECISION, HyperParams, Trained, train
 
@@ -64,7 +64,7 @@ class RunSpec:
     `search` takes a `SearchConfig` or just its mode ("pareto", "frozen", "random")."""
 
     preset: str
-    task: str
+    task: str | DataSpec  # a registered task name, or your own data
     method: str
     quantizer: str = "nf"  # the quantization space, QuantSpace.named(quantizer): "nf" or "int"
     seed: int = 0
@@ -117,12 +117,20 @@ class RunSpec:
 
     def key(self) -> str:
         """Content hash of the resolved spec and RUN_VERSION."""
-        data = {"version": RUN_VERSION, **asdict(self.resolved())}
+        # Your own data enters by its identity (a digest of its files too), so an edited file is a new run.
+        data = {"version": RUN_VERSION, **asdict(self.resolved()), "task": task_identity(self.task)}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_dir(spec: RunSpec) -> Path:
     return assets.home() / "runs" / spec.key()
+
+
+def checkpoint_path(spec: RunSpec) -> Path:
+    """Where a run's training checkpoint lives until the run is written: an interrupted run resumes
+    from its last epoch (or configuration)."""
+    folder = run_dir(spec)
+    return folder.with_name(f".{folder.name}.checkpoint.pt")
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -248,7 +256,7 @@ def _score(spec: RunSpec, task, trained, evaluations, dev_batches, chance: float
         predictions[cid] = result["per_example"]
         rows.append({
             "method": spec.method, "backbone": spec.backbone, "backbone_label": label,
-            "task": spec.task, "task_source": task.source, "stand_in": task.stand_in, "preset": spec.preset,
+            "task": task.name, "task_source": task.source, "stand_in": task.stand_in, "preset": spec.preset,
             "quantizer": spec.quantizer, "configuration_id": cid, "configuration_set": configuration_set,
             "budget": budget, "avg_bits": weight_bits if configuration is None else configuration.avg_bits,
             "seen": cid in trained.trained_on, "seed": spec.seed, "metric": metric,
@@ -265,7 +273,8 @@ def _execute(spec: RunSpec):
         held_out = _batches(task, tokenizer, spec, "search", shuffle=False)
         search = ConfigurationSearch(spec.search, QuantSpace.named(spec.quantizer), layout,
                                      fixed_batches(held_out, spec.search.batches), spec.seed)
-    trained = train(spec.method, model, training_configurations(spec), train_batches, spec.hp, spec.seed, search)
+    trained = train(spec.method, model, training_configurations(spec), train_batches, spec.hp, spec.seed, search,
+                    checkpoint=checkpoint_path(spec))
     evaluations = [(configuration_set, budget, configuration)
                    for configuration_set, budget, configuration in evaluation_configurations(spec, layout)
                    if not (configuration_set == "unseen" and configuration.digest() in trained.trained_on)]
@@ -284,6 +293,20 @@ def _reloaded(spec: RunSpec):
     trained = Trained(spec.method, model, training_configurations(spec), states,
                       {"shared": float(rows["train_seconds"].iloc[0])}, trained_on=trained_on)
     return task, trained, dev_batches, chance
+
+
+def trained_model(spec: RunSpec) -> lora.CoALoRAModel:
+    """The trained model of a run of a method whose one adapter serves every configuration (CoA-LoRA,
+    its theta-free twin, Shared-LoRA), from the cache (the run is computed first if needed): to save
+    (`save_pretrained`), materialize or serve. Call `set_configuration` before running it."""
+    spec = spec.resolved()
+    if not get_method(spec.method).serves_any_configuration:
+        raise ValueError(f"method {spec.method!r} trains one adapter per configuration; a trained model that "
+                         f"serves any configuration comes from: "
+                         f"{', '.join(m for m, v in METHODS.items() if v.serves_any_configuration)}")
+    _, trained, _, _ = _reloaded(spec)
+    lora.load_adapter_state(trained.model, trained.states["shared"])
+    return trained.model
 
 
 def _cached_rows(spec: RunSpec, name: str, recompute: bool, compute) -> pd.DataFrame:
@@ -339,11 +362,22 @@ def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
     """Tidy result rows of `spec`, from the cache when present (unless `recompute`)."""
     spec = spec.resolved()
     folder = run_dir(spec)
-    if (folder / "rows.csv").exists() and not recompute:
-        logger.info("cache hit %s (%s %s seed %d)", folder.name, spec.method, spec.task, spec.seed)
+    state = processes()
+    if from_main((folder / "rows.csv").exists() and not recompute):  # under `accelerate launch` the main decides
+        logger.info("cache hit %s (%s %s seed %d)", folder.name, spec.method, task_identity(spec.task), spec.seed)
         return _read_rows(folder, spec)
-    logger.info("running %s (%s %s seed %d)", folder.name, spec.method, spec.task, spec.seed)
+    logger.info("running %s (%s %s seed %d)", folder.name, spec.method, task_identity(spec.task), spec.seed)
     rows, predictions, states, history, steps, search_rows = _execute(spec)
+    if state.is_main_process:
+        _write_run(folder, spec, rows, predictions, states, history, steps, search_rows)
+        checkpoint_path(spec).unlink(missing_ok=True)  # the run is whole: nothing to resume
+    state.wait_for_everyone()
+    return _read_rows(folder, spec)
+
+
+def _write_run(folder: Path, spec: RunSpec, rows, predictions, states, history, steps, search_rows) -> None:
+    """Write a run's files into a fresh folder beside `folder` and rename it into place: a run folder
+    is whole or absent."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
@@ -361,7 +395,6 @@ def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
     finally:
         if work.exists():
             shutil.rmtree(work)
-    return _read_rows(folder, spec)
 
 
 def predictions(spec: RunSpec) -> dict[str, np.ndarray]:

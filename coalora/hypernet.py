@@ -41,6 +41,7 @@ class ConfigAwareModel(nn.Module):
         if rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank}")
         self.layout, self.space, self.rank = layout, space, rank
+        self.embed_dim, self.hidden = embed_dim, hidden
         # Seven lookup tables: the five configuration fields, then the block index and the module type.
         sizes = {**dict(zip(FIELDS, space.n_choices)),
                  "block": layout.n_blocks, "module_type": len(layout.module_types)}

@@ -24,7 +24,11 @@ task head (PEFT SEQ_CLS `modules_to_save`) and theta are trained. The pieces:
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
+import shutil
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,10 +38,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, ModulesToSaveWrapper
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from coalora.configs import Configuration, Layout, QuantSpace
+from coalora.configs import FIELDS, Configuration, Layout, MatrixSpec, QuantSpace
 from coalora.hypernet import ConfigAwareModel, check_layout
 from coalora.models import family_of, head_modules, lora_target_modules, matrix_layout, quantized_linears
 from coalora.presets import check_task_type
@@ -49,6 +53,9 @@ ADAPTER = "default"  # the PEFT adapter name used throughout
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}  # our task type -> PEFT's
 DEFAULT_CACHE_BYTES = 2 * 1024**3
 CONFIGURATION_FILE = "quantization_configuration.json"  # written next to a materialized adapter
+SAVED_CONFIG = "coalora_config.json"  # a saved CoALoRAModel: what to rebuild it from ...
+SAVED_WEIGHTS = "coalora_model.safetensors"  # ... and every trained tensor (A, B, head, theta)
+SAVED_FORMAT = 1
 _SAVED_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
 
 
@@ -131,13 +138,13 @@ class CoALoRAModel(nn.Module):
     configuration or full precision was set), `lora_layers` (matrix name -> PEFT LoRA layer, layout
     order), `full_precision` (matrix name -> original weight, where it was loaded), `fingerprints`
     (matrix name -> what identifies that weight in a weight cache shared by several models), `heads`
-    (name -> trained copy of each `modules_to_save` module), `weight_cache`.
+    (name -> trained copy of each `modules_to_save` module), `weight_cache`, `task_type`.
     """
 
     def __init__(self, peft_model: PeftModel, layout: Layout, space: QuantSpace, theta: ConfigAwareModel | None,
-                 cache: WeightCache | None = None):
+                 cache: WeightCache | None = None, task_type: str = "classification"):
         super().__init__()
-        self.peft_model, self.theta = peft_model, theta
+        self.peft_model, self.theta, self.task_type = peft_model, theta, check_task_type(task_type)
         self.layout, self.space = layout, space
         self.configuration: Configuration | None = None
         self.is_set = False
@@ -167,6 +174,10 @@ class CoALoRAModel(nn.Module):
         if self.theta is not None:
             self._adjustments.rows = self.theta.adjustments(self.config_index).unbind(0)  # N x [r, r]
         return self.peft_model(*args, **kwargs)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write this model's trained tensors and what rebuilds it (`from_pretrained`) to `directory`."""
+        return save_pretrained(self, directory)
 
     def extra_repr(self) -> str:
         c = self.configuration
@@ -205,7 +216,7 @@ def build_lora_model(backbone_model: nn.Module, layout: Layout, space: QuantSpac
     if config_aware:
         device = next(backbone_model.parameters()).device
         theta = ConfigAwareModel(layout, space, rank).to(device)
-    model = CoALoRAModel(peft_model, layout, space, theta, cache)
+    model = CoALoRAModel(peft_model, layout, space, theta, cache, task_type)
     log.info("%s r=%d on %d matrices of %s: %d trainable parameters%s",
              "CoA-LoRA" if config_aware else "plain LoRA", rank, len(layout), layout.backbone,
              sum(p.numel() for p in trainable_parameters(model)),
@@ -332,14 +343,113 @@ def override_base_weight(model: CoALoRAModel, name: str, weight: torch.Tensor) -
     base.weight = nn.Parameter(weight.to(base.weight.device, base.weight.dtype), requires_grad=False)
 
 
-def disable_bnb_cpu_repacking(model: nn.Module) -> int:
-    """Stop bitsandbytes from repacking `Linear4bit` weights for AVX-512 BF16 CPU inference and return
-    how many layers were changed. The repacked layout has no autograd kernel, so after one eval-mode
-    forward under no_grad every later backward through those layers gives zero gradients
-    (docs/measurements.md#bitsandbytes-on-cpu). Call it right after loading a bitsandbytes 4-bit model."""
-    import bitsandbytes as bnb
+# ---- save and reload --------------------------------------------------------------------------------
 
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    for layer in layers:
-        layer.support_avx512bf16_for_cpu = False
-    return len(layers)
+def _saved_config(model: CoALoRAModel) -> dict:
+    lora_config = model.peft_model.peft_config[ADAPTER]
+    plain = model.peft_model.get_base_model()
+    task_type, theta = model.task_type, model.theta
+    return {
+        "format": SAVED_FORMAT,
+        "backbone": model.layout.backbone,
+        "model_type": plain.config.model_type,
+        "name_or_path": getattr(plain.config, "_name_or_path", ""),
+        "task_type": task_type,
+        "num_labels": getattr(plain.config, "num_labels", None) if task_type == "classification" else None,
+        "rank": lora_config.r, "alpha": lora_config.lora_alpha, "dropout": lora_config.lora_dropout,
+        "config_aware": theta is not None,
+        "theta": None if theta is None else {"embed_dim": theta.embed_dim, "hidden": theta.hidden},
+        "space": {"name": model.space.name, "kind": model.space.kind,
+                  **{f: list(getattr(model.space, f)) for f in FIELDS}},
+        "layout": [[m.name, list(m.shape), m.block, m.module_type] for m in model.layout.matrices],
+    }
+
+
+def save_pretrained(model: CoALoRAModel, directory: str | Path) -> Path:
+    """Save a (trained) CoALoRAModel to `directory`: SAVED_CONFIG (backbone identity and layout,
+    quantization space, rank, alpha, dropout, task type, theta's size) and SAVED_WEIGHTS (LoRA A and
+    B, the head, theta). The directory appears whole or not at all: it is written beside its final
+    place and renamed. `from_pretrained(base, directory)` loads it back onto the same backbone."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"cannot save to {str(directory)!r}: it exists and is not a directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().cpu().contiguous() for name, t in adapter_state(model).items()}
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(state, staging / SAVED_WEIGHTS, metadata={"format": "pt"})
+        (staging / SAVED_CONFIG).write_text(json.dumps(_saved_config(model), indent=1))
+        if directory.exists():  # replace an earlier save of the same name only once the new one is whole
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(staging, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_saved_config(directory: str | Path) -> dict:
+    """The SAVED_CONFIG of a saved CoALoRAModel directory, checked for its format."""
+    path = Path(directory) / SAVED_CONFIG
+    if not path.is_file():
+        raise ValueError(f"{str(directory)!r} is not a saved CoA-LoRA model: it has no {SAVED_CONFIG} "
+                         f"(save one with model.save_pretrained(directory))")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from err
+    if not isinstance(config, dict) or config.get("format") != SAVED_FORMAT:
+        raise ValueError(f"{str(path)!r} has format {config.get('format') if isinstance(config, dict) else None!r}; "
+                         f"this version of coalora reads format {SAVED_FORMAT}")
+    return config
+
+
+def saved_layout(config: dict) -> Layout:
+    return Layout(config["backbone"], tuple(MatrixSpec(name, tuple(shape), block, module_type)
+                                            for name, shape, block, module_type in config["layout"]))
+
+
+def from_pretrained(base: nn.Module, directory: str | Path, cache: WeightCache | None = None) -> CoALoRAModel:
+    """Load a model saved by `save_pretrained` onto `base`, a freshly loaded (unquantized) backbone of
+    the same kind: same quantized matrices and shapes and, for classification, the same number of labels
+    (`coalora.models.load_backbone(name, task_type, num_labels=...)`). Raises a ValueError naming what
+    differs when `base` is another model. Call `set_configuration` before use, as after training."""
+    config = read_saved_config(directory)
+    layout = saved_layout(config)
+    try:
+        actual = matrix_layout(base, layout.backbone)
+    except ValueError as err:
+        raise ValueError(f"{str(directory)!r} was saved from a {config['model_type']!r} model "
+                         f"({config['backbone']!r}); the base model given is not one: {err}") from err
+    if actual != layout:
+        differ = next((f"{a.name} {a.shape}" + (f" vs saved {b.name} {b.shape}" if b else " (not in the saved model)")
+                       for a, b in zip(actual.matrices, [*layout.matrices, *[None] * len(actual)])
+                       if a != b), "their number")
+        raise ValueError(f"{str(directory)!r} was saved from backbone {config['backbone']!r} "
+                         f"({config['model_type']}, {len(layout)} quantized matrices); the base model has "
+                         f"{len(actual)} that differ first at {differ}: load the same backbone it was trained on")
+    space = QuantSpace(config["space"]["name"], config["space"]["kind"],
+                       **{f: tuple(config["space"][f]) for f in FIELDS})
+    if config["task_type"] == "classification":
+        labels = getattr(base.config, "num_labels", None)
+        if labels != config["num_labels"]:
+            raise ValueError(f"{str(directory)!r} has a {config['num_labels']}-label head; the base model has "
+                             f"{labels} labels: load it with num_labels={config['num_labels']}")
+    model = build_lora_model(base, layout, space, rank=config["rank"], alpha=config["alpha"],
+                             dropout=config["dropout"], config_aware=config["config_aware"],
+                             task_type=config["task_type"], cache=cache)
+    if model.theta is not None and config["theta"] != {"embed_dim": model.theta.embed_dim,
+                                                        "hidden": model.theta.hidden}:
+        raise ValueError(f"{str(directory)!r} has theta {config['theta']}, which this version of coalora "
+                         f"does not build")
+    weights = Path(directory) / SAVED_WEIGHTS
+    if not weights.is_file():
+        raise ValueError(f"{str(directory)!r} has no {SAVED_WEIGHTS}: the save is incomplete")
+    state = load_file(weights, device=str(next(base.parameters()).device))
+    load_adapter_state(model, state)
+    return model

@@ -9,11 +9,15 @@ classification head or lm_head (docs/method.md#configuration-space). `matrix_lay
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import os
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import PeftModel
@@ -31,7 +35,8 @@ log = logging.getLogger(__name__)
 class BackboneSpec:
     """One backbone: where its weights come from and how to label it in results.
 
-    `source` is an offline asset name (`coalora.assets`) when `offline`, else a model-hub repo id.
+    `source` is an offline asset name (`coalora.assets`) when `offline`, else a model-hub repo id; a
+    backbone given as a local transformers folder has `folder` set (and is `offline`).
     `dtype` is the default load precision: float32 for the small models, bfloat16 from ~1B
     parameters up: half the memory, the precision Qwen2.5 is published in and the Qwen2.5-Coder
     asset is stored in, and on a CPU with AVX512-BF16 about 4x faster than float32 at the same
@@ -40,49 +45,119 @@ class BackboneSpec:
     """
 
     name: str
-    family: str
-    architecture: str  # "encoder" or "decoder"
+    family: str  # a key of FAMILIES
     source: str
     offline: bool
     label: str
     dtype: torch.dtype = torch.float32
     stands_in_for: str | None = None
+    folder: str | None = None
+
+    @property
+    def architecture(self) -> str:
+        """"encoder" or "decoder", the family's."""
+        return FAMILIES[self.family].architecture
 
     @property
     def task_types(self) -> tuple[str, ...]:
         """Encoders only classify; decoders also get a (newly initialised) classification head."""
         return ("classification",) if self.architecture == "encoder" else TASK_TYPES
 
+    @property
+    def cache_id(self) -> str:
+        """A file-name-safe identity for caches (cost tables): the registered name, the hub id with
+        "--" for "/", or for a local folder its family and a digest of its config and weights (so a
+        copied or moved model keeps its identity, and a changed one gets a new one)."""
+        if self.folder is None:
+            return self.name.replace("/", "--")
+        return f"{self.family}-{_folder_digest(str(Path(self.folder).resolve()))}"
+
+
+@functools.lru_cache(maxsize=None)
+def _folder_digest(folder: str) -> str:
+    """sha256 of a model folder's config.json and weight files (read once per process)."""
+    h = hashlib.sha256((Path(folder) / "config.json").read_bytes())
+    for weights in sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.bin")):
+        h.update(weights.name.encode())
+        with open(weights, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()[:12]
+
 
 BACKBONES = {spec.name: spec for spec in (
-    BackboneSpec("minilm-l6", "bert", "encoder", "minilm-l6", True,
+    BackboneSpec("minilm-l6", "bert", "minilm-l6", True,
                  "all-MiniLM-L6-v2 (BERT, 22.7M; offline, stands in for RoBERTa-Large)",
                  stands_in_for="roberta-large"),
-    BackboneSpec("mpnet-base", "mpnet", "encoder", "mpnet-base", True,
+    BackboneSpec("mpnet-base", "mpnet", "mpnet-base", True,
                  "all-mpnet-base-v2 (MPNet, 109.5M; offline, stands in for RoBERTa-Large)",
                  stands_in_for="roberta-large"),
-    BackboneSpec("smollm2-135m", "llama", "decoder", "smollm2-135m", True,
+    BackboneSpec("smollm2-135m", "llama", "smollm2-135m", True,
                  "SmolLM2-135M-Instruct (Llama, 134.5M; dequantized Q4_1 GGUF; offline, "
                  "stands in for Qwen2.5-1.5B)",
                  stands_in_for="qwen2.5-1.5b"),
-    BackboneSpec("qwen2.5-coder-1.5b", "qwen2", "decoder", "qwen2.5-coder-1.5b", True,
+    BackboneSpec("qwen2.5-coder-1.5b", "qwen2", "qwen2.5-coder-1.5b", True,
                  "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 1.78B; dequantized Q4_K_M GGUF, bf16; offline, "
                  "stands in for Qwen2.5-1.5B)",
                  dtype=torch.bfloat16, stands_in_for="qwen2.5-1.5b"),
-    BackboneSpec("roberta-large", "roberta", "encoder", "FacebookAI/roberta-large", False,
+    BackboneSpec("roberta-large", "roberta", "FacebookAI/roberta-large", False,
                  "RoBERTa-Large (355M; model hub)"),
-    BackboneSpec("qwen2.5-1.5b", "qwen2", "decoder", "Qwen/Qwen2.5-1.5B", False,
+    BackboneSpec("qwen2.5-1.5b", "qwen2", "Qwen/Qwen2.5-1.5B", False,
                  "Qwen2.5-1.5B (bf16; model hub)", dtype=torch.bfloat16),
-    BackboneSpec("qwen2.5-3b", "qwen2", "decoder", "Qwen/Qwen2.5-3B", False,
+    BackboneSpec("qwen2.5-3b", "qwen2", "Qwen/Qwen2.5-3B", False,
                  "Qwen2.5-3B (bf16; model hub)", dtype=torch.bfloat16),
-    BackboneSpec("llama-2-7b", "llama", "decoder", "meta-llama/Llama-2-7b-hf", False,
+    BackboneSpec("llama-2-7b", "llama", "meta-llama/Llama-2-7b-hf", False,
                  "LLaMA-2-7B (bf16; model hub, gated)", dtype=torch.bfloat16),
 )}
 
 
 def backbone_spec(name: str) -> BackboneSpec:
-    """The registered spec of `name`, or a ValueError listing the valid names."""
-    return lookup(BACKBONES, name, "backbone")
+    """The spec of backbone `name`: a registered name (BACKBONES), a local transformers folder (with a
+    config.json), or a model-hub id ("owner/model", needs the hub or its cache). The family comes from
+    the model's `config.model_type`. Anything else is a ValueError listing the registered names."""
+    if name in BACKBONES:
+        return BACKBONES[name]
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        config = folder / "config.json"
+        if not config.is_file():
+            raise ValueError(f"backbone folder {name!r} has no config.json: give a transformers model folder "
+                             f"(model.save_pretrained(folder)) or a registered backbone: {', '.join(BACKBONES)}")
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{str(config)!r} is not valid JSON: {err}") from err
+        family = _check_family(str(model_type))
+        return BackboneSpec(name, family, str(folder), True, f"{folder.name} ({model_type}; local folder)",
+                            dtype=_config_dtype(config), folder=str(folder))
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists():
+        return _hub_spec(name)
+    lookup(BACKBONES, name, "backbone")  # raises, naming the registered backbones
+    raise AssertionError("unreachable")
+
+
+def _config_dtype(config_path: Path) -> torch.dtype:
+    """bfloat16 when a model's config says it is stored so (big models), else float32."""
+    config = json.loads(config_path.read_text())
+    stored = config.get("torch_dtype") or config.get("dtype")
+    return torch.bfloat16 if stored == "bfloat16" else torch.float32
+
+
+def _hub_spec(repo_id: str) -> BackboneSpec:
+    from transformers import AutoConfig
+
+    hub_kwargs = {"local_files_only": True} if _hub_offline() else {}
+    try:
+        config = AutoConfig.from_pretrained(repo_id, **hub_kwargs)
+    except (OSError, ValueError) as err:
+        offline = [n for n, s in BACKBONES.items() if s.offline]
+        raise RuntimeError(f"backbone {repo_id!r} is not registered, not a local folder, and could not be read "
+                           f"from the model hub{' or its cache (HF_HUB_OFFLINE is set)' if hub_kwargs else ''}: "
+                           f"{err}\nBackbones that run offline: {', '.join(offline)}; or give a local "
+                           f"transformers folder") from err
+    family = _check_family(config.model_type)
+    dtype = torch.bfloat16 if getattr(config, "torch_dtype", None) == torch.bfloat16 else torch.float32
+    return BackboneSpec(repo_id, family, repo_id, False, f"{repo_id} ({config.model_type}; model hub)", dtype=dtype)
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -93,13 +168,43 @@ def _hub_offline() -> bool:
                for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+# Modules bitsandbytes must leave in full precision when it loads a backbone in 4 bits: everything that
+# is not a quantized matrix of the family (heads, pooler). transformers matches these as regexes from
+# the start of a module's name, up to a "." (so "bert.pooler.dense" needs ".*pooler").
+NOT_QUANTIZED = [".*classifier", ".*pooler", ".*score", ".*lm_head"]
+
+
+def bnb_4bit_config():
+    """bitsandbytes' NF4 with double-quantized scales (configs.BNB_NF4) on the quantized matrices,
+    computing in float32, as the deployment path of a materialized adapter."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=NOT_QUANTIZED)
+
+
+def disable_bnb_cpu_repacking(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking `Linear4bit` weights for AVX-512 BF16 CPU inference and return
+    how many layers were changed. The repacked layout has no autograd kernel, so after one eval-mode
+    forward under no_grad every later backward through those layers gives zero gradients
+    (docs/measurements.md#bitsandbytes-on-cpu). `load_backbone(..., four_bit=True)` calls it."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def load_backbone(name: str, task_type: str = "classification", num_labels: int = 2,
-                  dtype: torch.dtype | str | None = None):
+                  dtype: torch.dtype | str | None = None, four_bit: bool = False):
     """Load backbone `name` for `task_type` and return `(model, tokenizer)`, in eval mode, on CPU.
 
     Classification uses AutoModelForSequenceClassification with `num_labels`: its head is newly
     (randomly) initialised - that is what fine-tuning trains - so seed before calling. Causal LMs
     get their eos token as pad token when they have none. `dtype` defaults to the spec's.
+    `four_bit` loads the quantized matrices as real bitsandbytes NF4 layers (`bnb_4bit_config`), the
+    base a materialized adapter at the uniform configs.BNB_NF4 configuration is deployed on.
     Offline backbones load from `coalora.assets`; hub backbones need the model hub (or its cache)
     and raise a RuntimeError naming the offline backbones when it cannot be reached.
     """
@@ -115,12 +220,15 @@ def load_backbone(name: str, task_type: str = "classification", num_labels: int 
     else:
         auto, model_kwargs = AutoModelForCausalLM, {}
     dtype = spec.dtype if dtype is None else dtype
+    if four_bit:
+        model_kwargs |= {"quantization_config": bnb_4bit_config(), "device_map": "cpu"}
 
     start = time.perf_counter()
     if spec.offline:
         from coalora import assets
 
-        folder = assets.path(spec.source)  # a plain HF folder; GGUFs were dequantized at fetch time
+        # a plain HF folder; the offline assets' GGUFs were dequantized at fetch time
+        folder = Path(spec.folder) if spec.folder else assets.path(spec.source)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = auto.from_pretrained(folder, dtype=dtype, **model_kwargs)
     else:
@@ -139,6 +247,8 @@ def load_backbone(name: str, task_type: str = "classification", num_labels: int 
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
+    if four_bit:
+        disable_bnb_cpu_repacking(model)
     model.eval()
     log.info("loaded %s for %s (%s) in %.1f s", spec.label, task_type, model.dtype, time.perf_counter() - start)
     return model, tokenizer
@@ -152,34 +262,46 @@ def load_backbone(name: str, task_type: str = "classification", num_labels: int 
 _BERT_BLOCK = {"attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
                "attention.output.dense": "attention.output", "intermediate.dense": "intermediate",
                "output.dense": "output"}
+_MPNET_BLOCK = {"attention.attn.q": "q", "attention.attn.k": "k", "attention.attn.v": "v", "attention.attn.o": "o",
+                "intermediate.dense": "intermediate", "output.dense": "output"}
 _LLAMA_BLOCK = ({f"self_attn.{p}": p for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
                 | {f"mlp.{p}": p for p in ("gate_proj", "up_proj", "down_proj")})
-_BLOCK_MATRICES = {
-    "bert": _BERT_BLOCK,
-    "roberta": _BERT_BLOCK,
-    "mpnet": {"attention.attn.q": "q", "attention.attn.k": "k", "attention.attn.v": "v", "attention.attn.o": "o",
-              "intermediate.dense": "intermediate", "output.dense": "output"},
-    "llama": _LLAMA_BLOCK,
-    "qwen2": _LLAMA_BLOCK,
-}
-FAMILIES = tuple(_BLOCK_MATRICES)
+# PEFT suffixes (a module matches when its name ends with "." + suffix) that select exactly those
+# matrices: never a bare "dense", which would also catch pooler.dense and classifier.dense.
+_BERT_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+_MPNET_TARGETS = ("q", "k", "v", "o", "intermediate.dense", "output.dense")
+_LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# PEFT suffixes (a module matches when its name ends with "." + suffix) that select exactly the
-# matrices above: never a bare "dense", which would also catch pooler.dense and classifier.dense.
-_BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-_LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-_LORA_TARGETS = {
-    "bert": _BERT_TARGETS,
-    "roberta": _BERT_TARGETS,
-    "mpnet": ["q", "k", "v", "o", "intermediate.dense", "output.dense"],
-    "llama": _LLAMA_TARGETS,
-    "qwen2": _LLAMA_TARGETS,
+
+@dataclass(frozen=True)
+class Family:
+    """How the models of one family (transformers' `config.model_type`) are quantized and fine-tuned.
+
+    `head`: modules trained with a classification head besides PEFT's `classifier` / `score`, so that
+    the trained head is a dense layer and a projection, as RoBERTa's (the paper's) is. BERT's classifier
+    is a single projection on top of its pretrained pooler (dense + tanh), so the pooler trains too;
+    RoBERTa and MPNet heads hold both already; decoders classify with a single projection (`score`).
+    """
+
+    architecture: str  # "encoder" (classification only) or "decoder"
+    block: dict  # module path inside a transformer block -> module type
+    lora_targets: tuple[str, ...]  # LoraConfig(target_modules=...) for exactly the `block` matrices
+    head: tuple[str, ...] = ()
+
+
+_DECODER = Family("decoder", _LLAMA_BLOCK, _LLAMA_TARGETS)
+FAMILIES = {
+    "bert": Family("encoder", _BERT_BLOCK, _BERT_TARGETS, head=("pooler",)),
+    "roberta": Family("encoder", _BERT_BLOCK, _BERT_TARGETS),
+    "mpnet": Family("encoder", _MPNET_BLOCK, _MPNET_TARGETS),
+    **dict.fromkeys(("llama", "qwen2", "mistral", "gemma", "gemma2"), _DECODER),  # Llama-style naming
 }
 
 
 def _check_family(family: str) -> str:
-    if family not in _BLOCK_MATRICES:
-        raise ValueError(f"unsupported model family {family!r}; supported families: {', '.join(FAMILIES)}")
+    if family not in FAMILIES:
+        raise ValueError(f"unsupported model family {family!r} (the model's config.model_type); supported "
+                         f"families: {', '.join(FAMILIES)}")
     return family
 
 
@@ -189,13 +311,13 @@ def _plain(model: nn.Module) -> nn.Module:
 
 
 def family_of(model: nn.Module) -> str:
-    """The family (bert, mpnet, roberta, llama, qwen2) from `model.config.model_type`."""
+    """The family (a key of FAMILIES) from `model.config.model_type`."""
     return _check_family(_plain(model).config.model_type)
 
 
 def _block_pattern(family: str) -> re.Pattern:
     """Matches `...layer.N.<path>` or `...layers.N.<path>` (BERT-style and Llama-style naming)."""
-    paths = "|".join(map(re.escape, _BLOCK_MATRICES[family]))
+    paths = "|".join(map(re.escape, FAMILIES[family].block))
     return re.compile(rf"(?:^|.*\.)layers?\.(\d+)\.({paths})$")
 
 
@@ -210,7 +332,7 @@ def _matches(model: nn.Module):
     """(name, module, base linear, block, module type) of each quantized matrix, in model order."""
     model = _plain(model)
     family = family_of(model)
-    pattern, types = _block_pattern(family), _BLOCK_MATRICES[family]
+    pattern, types = _block_pattern(family), FAMILIES[family].block
     for name, module in model.named_modules():
         match = pattern.match(name)
         if match and (linear := _linear(module)) is not None:
@@ -226,21 +348,14 @@ def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module, *_ in _matches(model)}
 
 
-# Besides the `classifier` / `score` module PEFT trains for sequence classification: what makes the
-# trained head a dense layer and a projection, as RoBERTa's (the paper's) is. BERT's classifier is a
-# single projection on top of its pretrained pooler (dense + tanh), so the pooler trains too; RoBERTa
-# and MPNet heads hold both already; Llama and Qwen2 classify with a single projection (`score`).
-_HEAD_MODULES = {"bert": ["pooler"], "roberta": [], "mpnet": [], "llama": [], "qwen2": []}
-
-
 def head_modules(family: str) -> list[str]:
     """Modules trained with a classification head of `family`, beyond PEFT's `classifier` / `score`."""
-    return list(_HEAD_MODULES[_check_family(family)])
+    return list(FAMILIES[_check_family(family)].head)
 
 
 def lora_target_modules(family: str) -> list[str]:
     """`LoraConfig(target_modules=...)` suffixes that wrap exactly `quantized_linears` of `family`."""
-    return list(_LORA_TARGETS[_check_family(family)])
+    return list(FAMILIES[_check_family(family)].lora_targets)
 
 
 def matrix_layout(model: nn.Module, backbone_name: str) -> Layout:

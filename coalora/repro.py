@@ -116,3 +116,25 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def processes():
+    """accelerate's state of this process: alone, or one of several under `accelerate launch` (gloo
+    on CPUs, NCCL on GPUs). Training's Accelerator makes the same CPU-or-GPU choice. Only its main
+    process writes caches and saved models; `wait_for_everyone()` lets the others read them after."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def from_main(value):
+    """The main process's `value` in every process (`value` itself when there is one process): how
+    processes agree on a decision (is it cached?) or a draw (which configurations to train on)."""
+    state = processes()
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]

@@ -430,6 +430,15 @@ class ConfigurationSearch:
                 proposals.append(configuration)
         return proposals
 
+    def state_dict(self) -> dict:
+        """What later rounds depend on (a training checkpoint keeps it): the rounds so far and the
+        GP's data. Each round's random numbers come from (seed, epoch), so nothing else is needed."""
+        return {"rounds": self.rounds, "configurations": self.configurations, "losses": self.losses}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rounds, self.configurations, self.losses = (list(state["rounds"]), dict(state["configurations"]),
+                                                         dict(state["losses"]))
+
     def to_rows(self) -> list[dict]:
         """`rounds` as tidy rows (epoch, role in pool / proposal / kept, id, avg_bits, loss), e.g.
         for pandas and the paper's Figure 2."""

@@ -21,7 +21,7 @@ import pandas as pd
 from coalora import experiments
 from coalora.experiments import RunSpec, run_dir, run_experiment
 from coalora.methods import COMPARED, METHODS
-from coalora.data import task_type
+from coalora.data import task_identity, task_type
 from coalora.presets import preset as get_preset
 from coalora.repro import atomic_path, package_versions, write_json_atomic
 from coalora.search import SEARCH_MODES
@@ -348,7 +348,7 @@ def _run_record(spec: RunSpec) -> dict:
     folder = run_dir(spec)
     run = json.loads((folder / "provenance.json").read_text())
     keep = ("created_utc", "git", "device")
-    return {"key": folder.name, "method": spec.method, "task": spec.task, "quantizer": spec.quantizer,
+    return {"key": folder.name, "method": spec.method, "task": task_identity(spec.task), "quantizer": spec.quantizer,
             "seed": spec.seed, "search": spec.search.mode, "backbone": spec.backbone,
             **{k: run[k] for k in keep if k in run}}
 

@@ -26,7 +26,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
@@ -37,7 +39,7 @@ from coalora.configs import Configuration
 from coalora.methods import method as get_method
 from coalora.names import check_name
 from coalora.quant import fake_quantize
-from coalora.repro import seed_everything
+from coalora.repro import atomic_path, from_main, processes, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -155,11 +157,14 @@ def _backward(model, accelerator: Accelerator, parts: list[tuple[float, dict]], 
 
 def _run_epochs(model, accelerator: Accelerator, batches: DataLoader, hp: HyperParams,
                 pick: Callable[[], Sequence[Configuration | None]], adapter: str, desc: str, trained_on: set[str],
-                steps: list[tuple], on_epoch_end: Callable[[int], None] | None = None) -> list[dict]:
+                steps: list[tuple], on_epoch_end: Callable[[int, list[dict], dict], None] | None = None,
+                resume: dict | None = None) -> list[dict]:
     """The shared loop: per batch, sum the loss over the configurations `pick()` returns (None: full
     precision), clip, step. `model` and `batches` come prepared by `accelerator`; the optimizer is
     new. Adds every configuration trained on to `trained_on` and every forward's loss to `steps`
-    (what shows which configuration and step a collapse starts at). Returns per-epoch mean losses."""
+    (what shows which configuration and step a collapse starts at). Returns per-epoch mean losses.
+    `on_epoch_end(epoch, losses so far, optimizer state)` runs after each epoch; `resume` (a checkpoint)
+    continues after its epoch with its optimizer state and losses."""
     inner = accelerator.unwrap_model(model)
     params = lora.trainable_parameters(inner)
     theta = {id(p) for p in inner.theta.parameters()} if inner.theta is not None else set()
@@ -167,8 +172,11 @@ def _run_epochs(model, accelerator: Accelerator, batches: DataLoader, hp: HyperP
               {"params": [p for p in params if id(p) in theta], "lr": hp.theta_lr or hp.lr}]
     optimizer = accelerator.prepare_optimizer(
         torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, weight_decay=hp.weight_decay))
-    history = []
-    for epoch in range(hp.epochs):
+    history, first = [], 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        history, first = list(resume["losses"]), resume["epoch"] + 1
+    for epoch in range(first, hp.epochs):
         model.train()
         total, count = 0.0, 0
         for step, batch in enumerate(tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{hp.epochs}", leave=False)):
@@ -186,7 +194,7 @@ def _run_epochs(model, accelerator: Accelerator, batches: DataLoader, hp: HyperP
             optimizer.step()
         history.append({"epoch": epoch, "loss": total / max(count, 1)})
         if on_epoch_end is not None:
-            on_epoch_end(epoch)
+            on_epoch_end(epoch, history, optimizer.state_dict())
     return history
 
 
@@ -273,13 +281,65 @@ def low_rank_init_(model, configuration: Configuration, hp: HyperParams, init: s
 
 # ---- the engine --------------------------------------------------------------------------------------
 
+def _loader_generator(batches: DataLoader) -> torch.Generator | None:
+    """The generator that shuffles `batches` (accelerate keeps it in sync across processes)."""
+    from accelerate.data_loader import get_sampler
+
+    return getattr(get_sampler(batches), "generator", None)
+
+
+def _random_states(batches: DataLoader, rng: random.Random | None = None) -> dict:
+    generator = _loader_generator(batches)
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "picks": None if rng is None else rng.getstate(),
+            "loader": None if generator is None else generator.get_state()}
+
+
+def _restore_random_states(states: dict, batches: DataLoader, rng: random.Random | None = None) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if rng is not None:
+        rng.setstate(states["picks"])
+    generator = _loader_generator(batches)
+    if generator is not None and states["loader"] is not None:
+        generator.set_state(states["loader"])
+
+
+def _save_checkpoint(path: Path | None, data: dict) -> None:
+    """Write a checkpoint whole (main process only): a later `train` with the same path resumes there."""
+    if path is None or not processes().is_main_process:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)
+
+
+def _load_checkpoint(path: Path | None, method: str) -> dict | None:
+    if path is None or not Path(path).exists():
+        return None
+    data = torch.load(path, weights_only=False)  # our own file: configurations and RNG states pickled
+    if data.get("method") != method:
+        raise ValueError(f"checkpoint {str(path)!r} is of method {data.get('method')!r}, not {method!r}; "
+                         f"delete it to start over")
+    logger.info("resuming %s from %s", method, path)
+    return data
+
+
 def train(method: str, model: torch.nn.Module, configurations: Sequence[Configuration], batches: DataLoader,
-          hp: HyperParams = HyperParams(), seed: int = 0, refine: RefineHook | None = None) -> Trained:
+          hp: HyperParams = HyperParams(), seed: int = 0, refine: RefineHook | None = None,
+          checkpoint: str | Path | None = None) -> Trained:
     """Train `method` on `model` (a `coalora.lora.build_lora_model` model, config-aware for methods
     with theta) for the given configurations and return the trained adapters with their timings.
-    `refine` (methods that train on the pool) replaces the training set after each epoch."""
+    `refine` (methods that train on the pool) replaces the training set after each epoch.
+
+    With `checkpoint` (a file path), the state after each epoch (each configuration, for the methods
+    that train one adapter per configuration) is written there, and a later call with the same path
+    resumes from it: adapters, optimizer, training set, search history and every random state, so
+    an interrupted run ends as an uninterrupted one would. Delete the file once the result is kept."""
     spec = get_method(method)
     configurations = list(configurations)
+    checkpoint = None if checkpoint is None else Path(checkpoint)
     if not configurations and spec.training not in ("full-precision", "none"):
         raise ValueError(f"{method} needs at least one training configuration, got none")
     if spec.theta != (model.theta is not None):
@@ -291,22 +351,33 @@ def train(method: str, model: torch.nn.Module, configurations: Sequence[Configur
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     prepared, batches = accelerator.prepare(model, batches)
     initial = lora.adapter_state(model)
+    resume = _load_checkpoint(checkpoint, method)
     states, seconds, trained_on, steps = {}, {}, set(), []
     history: list[dict] = []
+    if resume is not None:
+        states, seconds, history = resume["states"], resume["seconds"], resume["history"]
+        trained_on, steps = resume["trained_on"], resume["steps"]
 
     if spec.per_configuration:
+        if resume is not None:
+            _restore_random_states(resume["random"], batches)
         for configuration in tqdm(configurations, desc=method, leave=False):
+            key = configuration.digest()
+            if key in states:  # trained before an interruption
+                continue
             seed_everything(seed)
             lora.load_adapter_state(model, initial)
             start = time.perf_counter()
             lora.set_configuration(model, configuration)
             fits = {} if spec.init == "default" else low_rank_init_(model, configuration, hp, spec.init)
-            epochs = _run_epochs(prepared, accelerator, batches, hp, lambda: [configuration], configuration.digest(),
+            epochs = _run_epochs(prepared, accelerator, batches, hp, lambda: [configuration], key,
                                  f"{method} {configuration.avg_bits:.2f}b", trained_on, steps)
-            key = configuration.digest()
             seconds[key] = time.perf_counter() - start
             states[key] = lora.adapter_state(model) | fits
             history += [{"configuration": key, **e} for e in epochs]
+            _save_checkpoint(checkpoint, {"method": method, "states": states, "seconds": seconds, "history": history,
+                                          "trained_on": trained_on, "steps": steps,
+                                          "random": _random_states(batches)})
         return Trained(method, model, configurations, states, seconds, history, trained_on, steps)
 
     seed_everything(seed)
@@ -314,6 +385,14 @@ def train(method: str, model: torch.nn.Module, configurations: Sequence[Configur
         return Trained(method, model, configurations, {"shared": initial}, {"shared": 0.0}, [], trained_on, steps)
     rng = random.Random(seed)
     pool = list(configurations)
+    elapsed = 0.0
+    if resume is not None:
+        lora.load_adapter_state(model, resume["adapter"])
+        pool[:] = resume["pool"]
+        elapsed = resume["elapsed"]
+        if resume["search"] is not None:
+            refine.load_state_dict(resume["search"])
+        _restore_random_states(resume["random"], batches, rng)
     if spec.training == "full-precision":
         def pick():
             return [None]
@@ -324,17 +403,27 @@ def train(method: str, model: torch.nn.Module, configurations: Sequence[Configur
         def pick():
             return rng.sample(pool, min(hp.configs_per_step, len(pool)))
 
-    def end_epoch(epoch: int) -> None:
+    start = time.perf_counter()
+
+    def end_epoch(epoch: int, losses: list[dict], optimizer_state: dict) -> None:
         if refine is not None:
-            pool[:] = refine(epoch, model, list(pool))
+            # Under `accelerate launch` every process trains on the main process's refined set, so the
+            # seeded draws from it (rng above) agree too.
+            pool[:] = from_main(refine(epoch, model, list(pool)))
             if not pool:
                 raise ValueError("the configuration search returned an empty training set")
-        history.append({"epoch": epoch, "pool": [c.digest() for c in pool]})
+        if spec.training == "pool":
+            history.append({"epoch": epoch, "pool": [c.digest() for c in pool]})
+        _save_checkpoint(checkpoint, {
+            "method": method, "epoch": epoch, "losses": losses, "optimizer": optimizer_state,
+            "adapter": lora.adapter_state(model), "pool": list(pool), "history": history, "states": {},
+            "seconds": {}, "trained_on": trained_on, "steps": steps, "elapsed": elapsed + time.perf_counter() - start,
+            "search": refine.state_dict() if hasattr(refine, "state_dict") else None,
+            "random": _random_states(batches, rng)})
 
-    start = time.perf_counter()
-    epochs = _run_epochs(prepared, accelerator, batches, hp, pick, "shared", method, trained_on, steps,
-                         end_epoch if spec.training == "pool" else None)
-    seconds["shared"] = time.perf_counter() - start
+    epochs = _run_epochs(prepared, accelerator, batches, hp, pick, "shared", method, trained_on, steps, end_epoch,
+                         resume)
+    seconds["shared"] = elapsed + time.perf_counter() - start
     states["shared"] = lora.adapter_state(model)
     for row, extra in zip(epochs, history or [{}] * len(epochs)):
         row.update(extra)

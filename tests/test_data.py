@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from coalora import assets
+from coalora import assets, data
 from coalora.data import TASKS, load_task, lm_blocks, tokenize_classification
 from coalora.presets import OFFLINE_PRESETS, PRESETS
 
@@ -150,3 +150,70 @@ def test_tokenize_classification_pairs(minilm_tokenizer):
     row = tokenize_classification(pairs, minilm_tokenizer, max_length=64)[0]
     assert (row["input_ids"] == minilm_tokenizer.sep_token_id).sum() == 2
     assert minilm_tokenizer.decode(row["input_ids"]) == "[CLS] is it raining? [SEP] the sun is out. [SEP]"
+
+
+# ---- your own data -------------------------------------------------------------------------------
+
+def _write_csv(path, rows, header="text,label"):
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_a_local_three_class_file_loads_with_a_seeded_dev_split(tmp_path, suffix):
+    import pandas as pd
+
+    frame = pd.DataFrame({"sentence": [f"example number {i}" for i in range(40)],
+                          "stars": [["bad", "fine", "good"][i % 3] for i in range(40)]})
+    path = tmp_path / f"reviews{suffix}"
+    {".csv": lambda: frame.to_csv(path, index=False), ".jsonl": lambda: frame.to_json(path, orient="records",
+                                                                                       lines=True),
+     ".parquet": lambda: frame.to_parquet(path)}[suffix]()
+    spec = data.DataSpec(str(path), "classification", text="sentence", label="stars")
+    task = data.load_task(spec, "default")
+    assert (task.name, task.num_labels, task.task_type, task.stand_in) == ("reviews", 3, "classification", False)
+    assert len(task.train) == 36 and len(task.dev) == 4
+    assert task.train.features["label"].names == ["bad", "fine", "good"]
+    assert set(task.train["text"]) | set(task.dev["text"]) == set(frame["sentence"])
+    again = data.load_task(spec, "default")
+    assert again.dev["text"] == task.dev["text"]  # the split is seeded
+    assert data.task_type(spec) == "classification" and data.task_identity(spec).startswith("reviews-")
+
+
+def test_a_causal_lm_file_and_a_given_dev_file(tmp_path):
+    train = _write_csv(tmp_path / "train.csv", [f"line {i} of some text" for i in range(12)], header="body")
+    dev = _write_csv(tmp_path / "dev.csv", ["held out text"], header="body")
+    task = data.load_task(data.DataSpec(str(train), "causal-lm", text="body", dev=str(dev)), "default")
+    assert task.num_labels is None and task.task_type == "causal-lm"
+    assert len(task.train) == 12 and task.dev["text"] == ["held out text"]
+
+
+def test_identity_changes_when_the_file_changes(tmp_path):
+    path = _write_csv(tmp_path / "d.csv", [f"t{i},{i % 2}" for i in range(20)])
+    spec = data.DataSpec(str(path), "classification")
+    before = data.task_identity(spec)
+    _write_csv(path, [f"t{i},{(i + 1) % 2}" for i in range(20)])
+    assert data.task_identity(spec) != before
+
+
+def test_bad_own_data_gets_a_clear_error(tmp_path):
+    good = [f"t{i},{i % 2}" for i in range(20)]
+    with pytest.raises(ValueError, match="does not exist"):
+        data.load_task(data.DataSpec(str(tmp_path / "none.csv"), "classification"), "default")
+    with pytest.raises(ValueError, match="no column 'stars'; its columns: text, label"):
+        data.load_task(data.DataSpec(str(_write_csv(tmp_path / "a.csv", good)), "classification", label="stars"),
+                       "default")
+    with pytest.raises(ValueError, match="single class \\('1'\\)"):
+        data.load_task(data.DataSpec(str(_write_csv(tmp_path / "b.csv", [f"t{i},1" for i in range(20)])),
+                                     "classification"), "default")
+    with pytest.raises(ValueError, match="2 rows have an empty text column \\(first at row 3\\)"):
+        rows = [("" if i in (3, 7) else f"t{i}") + f",{i % 2}" for i in range(20)]
+        data.load_task(data.DataSpec(str(_write_csv(tmp_path / "c.csv", rows)), "classification"), "default")
+    with pytest.raises(ValueError, match="unknown format '.xlsx'"):
+        (tmp_path / "d.xlsx").write_text("x")
+        data.load_task(data.DataSpec(str(tmp_path / "d.xlsx"), "classification"), "default")
+    with pytest.raises(ValueError, match="could not read data file .*as json"):
+        (tmp_path / "e.jsonl").write_text("{not json\n")
+        data.load_task(data.DataSpec(str(tmp_path / "e.jsonl"), "classification"), "default")
+    with pytest.raises(ValueError, match="'regression'.*classification, causal-lm"):
+        data.DataSpec("x.csv", "regression")

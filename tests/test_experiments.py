@@ -3,8 +3,10 @@ content-hash cache (hit, miss, recompute) and interrupted-run cleanliness."""
 
 import pandas as pd
 import pytest
+import torch
 
-from coalora import experiments
+from coalora import experiments, lora, models
+from coalora.configs import Configuration
 from coalora.experiments import RunSpec, run_experiment
 from coalora.presets import RunSize
 from coalora.search import SearchConfig
@@ -99,7 +101,55 @@ def test_interrupted_write_leaves_no_partial_folder(runs_in_tmp, monkeypatch):
     monkeypatch.setattr(experiments, "save_file", fail)
     with pytest.raises(OSError, match="disk full"):
         run_experiment(spec("shared"))
-    assert not any(runs_in_tmp.iterdir())
+    # no run folder, whole or partial: only the training checkpoint a rerun resumes from
+    assert [p.name for p in runs_in_tmp.iterdir()] == [experiments.checkpoint_path(spec("shared")).name]
+
+
+@pytest.mark.parametrize(("method", "fields"), [
+    ("coalora", {"search": "pareto", "hp": HyperParams(epochs=2, configs_per_step=2)}),
+    ("qlora", {"eval_budgets": (3.0, 4.0)}),
+], ids=["coalora-pareto", "qlora"])
+def test_an_interrupted_training_resumes_from_its_checkpoint_to_the_same_result(method, fields, runs_in_tmp,
+                                                                                monkeypatch):
+    """Stopped right after its first checkpoint (epoch 1 of 2; configuration 1 of 2), a rerun resumes and
+    ends with the uninterrupted run's adapters, rows, losses and search rounds."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from coalora import training
+
+    run = spec(method, **fields)
+    calls = []
+    counted = training._backward
+    monkeypatch.setattr(training, "_backward", lambda *a, **k: calls.append(1) or counted(*a, **k))
+    whole = run_experiment(run)
+    n_whole = len(calls)
+    folder = runs_in_tmp / run.key()
+    kept = {name: (folder / name).read_text() for name in ("steps.csv", "search.csv", "history.json")}
+    adapters = load_file(folder / "adapters.safetensors")
+    shutil.rmtree(folder)
+    real = training._save_checkpoint
+
+    def save_then_stop(path, data):
+        real(path, data)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(run)
+    assert experiments.checkpoint_path(run).exists() and not folder.exists()
+    monkeypatch.setattr(training, "_save_checkpoint", real)
+    calls.clear()
+    resumed = run_experiment(run)
+    assert len(calls) == n_whole // 2  # the second half only: epoch 2 of 2, or configuration 2 of 2
+    assert not experiments.checkpoint_path(run).exists()
+    timing = ["train_seconds", "eval_seconds"]
+    pd.testing.assert_frame_equal(resumed.drop(columns=timing), whole.drop(columns=timing))
+    again = load_file(folder / "adapters.safetensors")
+    assert again.keys() == adapters.keys() and all(torch.equal(again[k], adapters[k]) for k in adapters)
+    for name, text in kept.items():
+        assert (folder / name).read_text() == text, name
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -188,8 +238,8 @@ def test_seen_marks_trained_on_configurations_not_the_last_pool(runs_in_tmp, mon
     real = training.train
     trained_pool = {}
 
-    def spy(method, model, configurations, batches, hp, seed, refine=None):
-        trained = real(method, model, configurations, batches, hp, seed, refine)
+    def spy(method, model, configurations, batches, hp, seed, refine=None, **kwargs):
+        trained = real(method, model, configurations, batches, hp, seed, refine, **kwargs)
         trained_pool["trained_on"] = set(trained.trained_on)
         trained_pool["final"] = {c.digest() for c in trained.configurations}
         return trained
@@ -230,3 +280,36 @@ def test_theta_off_rescores_every_configuration_of_the_run(runs_in_tmp):
     assert (off["search"] == "frozen").all() and (runs_in_tmp / run.key() / "theta_off.csv").exists()
     with pytest.raises(ValueError, match="needs a method with theta"):
         experiments.theta_off_rows(spec("qlora"))
+
+
+def test_a_trained_model_serves_as_real_bitsandbytes_nf4_layers(runs_in_tmp, tmp_path):
+    """The deployment path: a smoke-trained CoA-LoRA materialized at uniform NF4 (what bitsandbytes holds
+    natively) and loaded with PEFT on MiniLM-L6 in real 4-bit layers predicts as the fake-quantized model
+    on >= 99 % of the 872 dev sentences."""
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from transformers import DataCollatorWithPadding
+
+    from coalora.configs import BNB_NF4
+    from coalora.data import load_task, tokenize_classification
+
+    run = spec("coalora", size=None, hp=None, eval_budgets=None, unseen_budgets=None)  # the smoke preset's run
+    model = experiments.trained_model(run)
+    configuration = Configuration.uniform(model.layout, BNB_NF4)
+    lora.materialize(model, configuration).save_pretrained(tmp_path / "adapter")
+    base, tokenizer = models.load_backbone("minilm-l6", num_labels=2, four_bit=True)
+    assert len(models.quantized_linears(base)) == 36 and all(
+        isinstance(m, bnb.nn.Linear4bit) for m in models.quantized_linears(base).values())
+    assert not isinstance(base.classifier, bnb.nn.Linear4bit) and not isinstance(base.bert.pooler.dense,
+                                                                                  bnb.nn.Linear4bit)
+    deployed = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    lora.set_configuration(model, configuration).eval()
+    dev = tokenize_classification(load_task("sst2", "default").dev, tokenizer, 64)
+    collate, agree = DataCollatorWithPadding(tokenizer), []
+    with torch.no_grad():
+        for start in range(0, len(dev), 64):
+            batch = collate([dev[i] for i in range(start, min(start + 64, len(dev)))])
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+            agree.append(model(**inputs).logits.argmax(-1) == deployed(**inputs).logits.argmax(-1))
+    agreement = torch.cat(agree).float().mean().item()
+    assert len(dev) == 872 and agreement >= 0.99, agreement

@@ -404,7 +404,7 @@ def test_disable_bnb_cpu_repacking_keeps_gradients():
     def lora_a_grad(eval_first: bool) -> torch.Tensor:
         torch.manual_seed(0)
         net = TwoLayers().to("cpu")  # quantizes
-        assert lora.disable_bnb_cpu_repacking(net) == 2
+        assert models.disable_bnb_cpu_repacking(net) == 2
         # LoRA on `up` only: its A gets gradient solely through `down`'s 4-bit weight.
         peft_model = get_peft_model(net, LoraConfig(r=4, target_modules=["up"]))
         nn.init.normal_(peft_model.base_model.model.up.lora_B["default"].weight, std=0.1)
@@ -432,3 +432,59 @@ def test_bnb_layers_are_rejected_for_fake_quantization():
     query.query = bnb.nn.Linear4bit(32, 32, compute_dtype=torch.float32)
     with pytest.raises(ValueError, match="'bert.encoder.layer.0.attention.self.query' is a Linear4bit"):
         lora.build_lora_model(backbone, layout, NF)
+
+
+# ---- save and reload ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,task_type", CASES)
+@pytest.mark.parametrize("config_aware", [True, False])
+def test_saved_model_reloads_with_identical_logits_and_adapter(tmp_path, family, task_type, config_aware):
+    model, twin = build(family, task_type, config_aware=config_aware)
+    perturb_(model)
+    for head in model.heads.values():  # a trained head differs from a fresh one
+        with torch.no_grad():
+            for p in head.parameters():
+                p.add_(0.1)
+    low, high = uniform(model, LOW), uniform(model, HIGH)
+    before = {c.digest(): logits(lora.set_configuration(model, c), tokens()) for c in (low, high)}
+    saved = model.save_pretrained(tmp_path / "saved")
+    assert sorted(p.name for p in saved.iterdir()) == sorted([lora.SAVED_CONFIG, lora.SAVED_WEIGHTS])
+
+    reloaded = lora.from_pretrained(twin, saved)
+    assert (reloaded.theta is None) == (not config_aware) and reloaded.task_type == task_type
+    for c in (low, high):
+        assert torch.equal(logits(lora.set_configuration(reloaded, c), tokens()), before[c.digest()])
+        a, b = lora.materialize(model, c).state_dict, lora.materialize(reloaded, c).state_dict
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_save_replaces_an_earlier_one_whole_and_leaves_no_staging(tmp_path):
+    model, _ = build("bert", "classification")
+    model.save_pretrained(tmp_path / "saved")
+    perturb_(model)
+    model.save_pretrained(tmp_path / "saved")
+    assert [p.name for p in tmp_path.iterdir()] == ["saved"]
+    state = lora.load_file(tmp_path / "saved" / lora.SAVED_WEIGHTS)
+    name = next(k for k in state if "lora_B" in k)
+    assert state[name].abs().sum() > 0  # the perturbed B, not PEFT's zero start
+
+
+def test_reload_refuses_another_backbone_or_head_or_a_broken_directory(tmp_path):
+    model, _ = build("bert", "classification")
+    saved = model.save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="saved from backbone 'tiny-bert'.*load the same backbone"):
+        lora.from_pretrained(tiny_backbone("qwen2", "classification"), saved)
+    bigger = AutoModelForSequenceClassification.from_config(BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64))
+    with pytest.raises(ValueError, match="differ first at"):
+        lora.from_pretrained(bigger, saved)
+    three = AutoModelForSequenceClassification.from_config(BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        num_labels=3))
+    with pytest.raises(ValueError, match="2-label head.*num_labels=2"):
+        lora.from_pretrained(three, saved)
+    with pytest.raises(ValueError, match="not a saved CoA-LoRA model"):
+        lora.from_pretrained(tiny_backbone("bert", "classification"), tmp_path)
+    (saved / lora.SAVED_CONFIG).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        lora.from_pretrained(tiny_backbone("bert", "classification"), saved)

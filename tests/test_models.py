@@ -9,8 +9,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, GPT2Config,
-                          LlamaConfig, MPNetConfig, Qwen2Config, RobertaConfig)
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, Gemma2Config,
+                          GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, MPNetConfig, Qwen2Config,
+                          RobertaConfig)
 
 from coalora import assets, models
 from coalora.configs import MatrixSpec
@@ -21,8 +22,11 @@ TYPES = {
     "roberta": ["query", "key", "value", "attention.output", "intermediate", "output"],
     "mpnet": ["q", "k", "v", "o", "intermediate", "output"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    **dict.fromkeys(("qwen2", "mistral", "gemma", "gemma2"),
+                    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
 }
+DECODERS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma": GemmaConfig,
+            "gemma2": Gemma2Config}
 # (out, in) per module type for the tiny configs below: 4 heads, 2 KV heads of dim 8 for llama/qwen2.
 SHAPES = {
     "encoder": [(H, H)] * 4 + [(I, H), (H, I)],
@@ -35,8 +39,8 @@ def tiny_model(family: str, head: str = "default", layers: int = LAYERS) -> nn.M
     torch.manual_seed(0)
     common = dict(vocab_size=64, hidden_size=H, num_hidden_layers=layers, num_attention_heads=4,
                   intermediate_size=I)
-    if family in ("llama", "qwen2"):
-        config = (LlamaConfig if family == "llama" else Qwen2Config)(num_key_value_heads=2, **common)
+    if family in DECODERS:
+        config = DECODERS[family](num_key_value_heads=2, head_dim=H // 4, **common)
         auto = AutoModelForSequenceClassification if head == "classification" else AutoModelForCausalLM
     else:
         config = {"bert": BertConfig, "roberta": RobertaConfig, "mpnet": MPNetConfig}[family](**common)
@@ -45,11 +49,12 @@ def tiny_model(family: str, head: str = "default", layers: int = LAYERS) -> nn.M
 
 
 def arch(family: str) -> str:
-    return "causal" if family in ("llama", "qwen2") else "encoder"
+    return "causal" if family in DECODERS else "encoder"
 
 
 CASES = [("bert", "default"), ("roberta", "default"), ("mpnet", "default"),
-         ("llama", "default"), ("qwen2", "default"), ("llama", "classification"), ("qwen2", "classification")]
+         ("llama", "default"), ("qwen2", "default"), ("llama", "classification"), ("qwen2", "classification"),
+         ("mistral", "default"), ("gemma", "default"), ("gemma2", "classification")]
 
 
 # ---- registry ------------------------------------------------------------------------------------
@@ -176,6 +181,42 @@ def test_hub_unreachable_is_a_clear_error(monkeypatch):
 
 
 # ---- real offline backbones ----------------------------------------------------------------------
+
+def test_a_local_folder_is_a_backbone_with_its_family_and_its_own_cache_identity(tmp_path):
+    folder = tmp_path / "my-minilm"
+    folder.mkdir()
+    for f in assets.path("minilm-l6").iterdir():
+        if f.is_file():
+            (folder / f.name).symlink_to(f)
+    spec = models.backbone_spec(str(folder))
+    assert (spec.family, spec.architecture, spec.offline, spec.folder) == ("bert", "encoder", True, str(folder))
+    assert spec.cache_id.startswith("bert-") and "/" not in spec.cache_id
+    moved = tmp_path / "elsewhere"
+    folder.rename(moved)
+    assert models.backbone_spec(str(moved)).cache_id == spec.cache_id  # the same model, by content
+    moved.rename(folder)
+    model, _ = models.load_backbone(str(folder), num_labels=3)
+    reference, _ = models.load_backbone("minilm-l6", num_labels=3)
+    layout = models.matrix_layout(model, str(folder))
+    assert [(m.name, m.shape) for m in layout.matrices] == \
+           [(m.name, m.shape) for m in models.matrix_layout(reference, "minilm-l6").matrices]
+    assert torch.equal(model.bert.encoder.layer[0].attention.self.query.weight,
+                       reference.bert.encoder.layer[0].attention.self.query.weight)
+
+
+def test_backbones_that_cannot_be_resolved_say_why(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="has no config.json.*minilm-l6"):
+        models.backbone_spec(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match="'gpt2'.*supported families: bert, roberta, mpnet, llama, qwen2, mistral"):
+        models.backbone_spec(str(tmp_path))
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        models.backbone_spec(str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match=r"(?s)'nobody/no-such-model'.*HF_HUB_OFFLINE.*minilm-l6.*local"):
+        models.backbone_spec("nobody/no-such-model")
+
 
 def test_minilm_l6():
     model, tokenizer = models.load_backbone("minilm-l6", num_labels=3)

@@ -45,9 +45,7 @@ def _train(args) -> int:
     from coalora.presets import preset
     from coalora.repro import processes
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SystemExit(f"coalora train: {str(out)!r} exists and is not empty; pass --overwrite to replace it")
+    out = _fresh_out(args.out, args.overwrite)
     data = DataSpec(args.data, args.task_type, text=args.text, text_pair=args.text_pair, label=args.label,
                     dev=args.dev, seed=args.seed)
     size = preset(args.preset).size(args.task_type)
@@ -56,11 +54,10 @@ def _train(args) -> int:
                    backbone=args.model, size=size, weighting=args.weighting)
     rows = run_experiment(spec)
     model = trained_model(spec)
-    state = processes()
-    if state.is_main_process:  # under `accelerate launch`, one process writes
+    saved = model.save_pretrained(out)  # under `accelerate launch`, the main process writes
+    if processes().is_main_process:
         _print_rows(rows)
-        print(f"saved {args.method} to {model.save_pretrained(out)}")
-    state.wait_for_everyone()
+        print(f"saved {args.method} to {saved}")
     return 0
 
 
@@ -70,16 +67,18 @@ def _materialize(args) -> int:
     from coalora.lora import from_pretrained, materialize, read_saved_config
     from coalora.models import load_backbone
 
+    out = _fresh_out(args.out, args.overwrite)
+    text = None if args.configuration is None else _read_json(args.configuration, "configuration")
     saved = read_saved_config(args.adapter)
     base, _ = load_backbone(args.model, saved["task_type"], num_labels=saved["num_labels"] or 2)
     model = from_pretrained(base, args.adapter)
-    if args.configuration is not None:
-        text = Path(args.configuration).read_text()
-        configuration = Configuration.from_json(text, replace(model.layout, backbone=json.loads(text)["backbone"]))
+    if text is not None:
+        configuration = Configuration.from_json(text, replace(model.layout,
+                                                              backbone=json.loads(text).get("backbone", "")))
     else:
         configuration = allocate(args.model, args.budget, model.space, "error")
     configuration = Configuration(model.layout, configuration.layers)  # the saved model's own layout name
-    directory = materialize(model, configuration).save_pretrained(args.out)
+    directory = materialize(model, configuration).save_pretrained(out)
     print(f"{configuration.avg_bits:.4f} average bits; a PEFT LoRA adapter in {directory} (load it with "
           f"PeftModel.from_pretrained on the base quantized by coalora.lora.quantize_weights_)")
     return 0
@@ -87,15 +86,47 @@ def _materialize(args) -> int:
 
 def _allocate(args) -> int:
     from coalora.allocation import allocate
+    from coalora.repro import write_text_atomic
 
     configuration = allocate(args.model, args.budget, args.quantizer, args.weighting, args.task, args.preset)
     text = configuration.to_json()
     if args.out:
-        Path(args.out).write_text(text)
+        write_text_atomic(args.out, text)
     else:
         print(text)
     print(f"{configuration.avg_bits:.4f} average bits (budget {args.budget})", file=sys.stderr)
     return 0
+
+
+def _fresh_out(path: str, overwrite: bool) -> Path:
+    """`path` as an output directory: absent, empty, or replaced only with --overwrite."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {path!r} is a file; give a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {path!r} exists and is not empty; pass --overwrite to replace it")
+    return out
+
+
+def _read_json(path: str, what: str) -> str:
+    """The text of JSON file `path`, checked to parse to an object."""
+    try:
+        text = Path(path).read_text()
+        if not isinstance(json.loads(text), dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the {what} file {path!r}: {err}") from err
+    return text
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}")
+    return number
 
 
 def _budget(value: str) -> float:
@@ -133,8 +164,8 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--dev", help="a dev file (or hub split); default: a seeded 10%% of the training data")
     train.add_argument("--preset", default="default", choices=list(PRESETS),
                        help="run size and precision (default: default)")
-    train.add_argument("--epochs", type=int, help="override the preset's epochs")
-    train.add_argument("--n-train", type=int, help="override the preset's number of training examples")
+    train.add_argument("--epochs", type=_positive, help="override the preset's epochs")
+    train.add_argument("--n-train", type=_positive, help="override the preset's number of training examples")
     train.add_argument("--method", default="coalora", choices=SERVING)
     train.add_argument("--quantizer", default="nf", choices=list(KINDS))
     train.add_argument("--weighting", default="fisher", choices=list(WEIGHTINGS), help="the ILP's cost")
@@ -147,9 +178,11 @@ def parser() -> argparse.ArgumentParser:
     mat.add_argument("--model", required=True, help="the base model the CoA-LoRA was trained on")
     mat.add_argument("--adapter", required=True, help="the saved CoA-LoRA directory (coalora train --out)")
     which = mat.add_mutually_exclusive_group(required=True)
-    which.add_argument("--budget", type=_budget, help="average bits; the ILP picks the configuration")
-    which.add_argument("--configuration", help="a configuration JSON (coalora allocate --out)")
+    which.add_argument("--budget", type=_budget,
+                       help="average bits; the plain-error ILP picks the configuration (it needs no data)")
+    which.add_argument("--configuration", help="a configuration JSON (coalora allocate --out; e.g. Fisher-weighted)")
     mat.add_argument("--out", required=True, help="directory for the PEFT adapter")
+    mat.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     mat.set_defaults(handler=_materialize)
 
     alloc = commands.add_parser("allocate", help="a model + a budget -> a configuration JSON")
@@ -169,6 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, RuntimeError) as err:  # bad input: the message names the value and the way out
+    except (ValueError, RuntimeError, OSError) as err:  # bad input: the message names the value and the way out
         print(f"coalora {args.command}: {err}", file=sys.stderr)
         return 2

@@ -325,12 +325,25 @@ def _checked(data: Dataset, spec: DataSpec, where: str) -> Dataset:
             if empty:
                 raise ValueError(f"{where}: {len(empty)} rows have an empty {column} column "
                                  f"(first at row {empty[0]}); remove them or fill them in")
+    if "label" in data.column_names:
+        empty = [i for i, v in enumerate(data["label"]) if v is None or v != v or not str(v).strip()]  # v != v: NaN
+        if empty:
+            raise ValueError(f"{where}: {len(empty)} rows have no label in column {spec.label!r} "
+                             f"(first at row {empty[0]}); remove them or label them")
     return data
 
 
+def _label_order(names: set[str]) -> list[str]:
+    """Numeric labels in numeric order (2 before 10), any others in string order."""
+    try:
+        return sorted(names, key=float)
+    except ValueError:
+        return sorted(names)
+
+
 def _labelled(train: Dataset, dev: Dataset, where: str) -> tuple[Dataset, Dataset, int]:
-    """Labels of any type made ClassLabel 0..K-1 from the sorted training labels."""
-    names = sorted({str(v) for v in train["label"]})
+    """Labels of any type made ClassLabel 0..K-1 from the sorted training labels (`_label_order`)."""
+    names = _label_order({str(v) for v in train["label"]})
     if len(names) < 2:
         raise ValueError(f"{where}: the label column has a single class ({names[0]!r}); classification needs two or more")
     unknown = sorted({str(v) for v in dev["label"]} - set(names))
@@ -362,7 +375,7 @@ def load_data(spec: DataSpec, preset: str) -> TaskData:
     else:
         try:
             hub = datasets.load_dataset(spec.path)
-        except (ConnectionError, FileNotFoundError, ValueError) as err:
+        except (OSError, ValueError) as err:  # OSError: no hub, or an HTTP error
             raise ValueError(f"{spec.path!r} is neither a data file ({', '.join(FILE_FORMATS)}) nor a dataset the "
                              f"model hub could give: {type(err).__name__}: {err}") from err
         if spec.train_split not in hub:

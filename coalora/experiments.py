@@ -118,7 +118,10 @@ class RunSpec:
     def key(self) -> str:
         """Content hash of the resolved spec and RUN_VERSION."""
         # Your own data enters by its identity (a digest of its files too), so an edited file is a new run.
-        data = {"version": RUN_VERSION, **asdict(self.resolved()), "task": task_identity(self.task)}
+        # A local model folder enters by its content, so an edited or retrained model is a new run too.
+        resolved = self.resolved()
+        data = {"version": RUN_VERSION, **asdict(resolved), "task": task_identity(self.task),
+                "backbone": models.backbone_identity(resolved.backbone)}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -146,10 +149,13 @@ def _batches(task, tokenizer, spec: RunSpec, split: str, shuffle: bool) -> DataL
     if task.task_type == "classification":
         if split != "dev":
             source = source.shuffle(seed=0)
+            total = len(source)
             rows = (range(min(held_out, len(source))) if split == "search" else
                     range(held_out, len(source) if size.n_train is None else min(held_out + size.n_train,
                                                                                  len(source))))
             source = source.select(rows)
+            if split == "train" and len(source) == 0:
+                raise ValueError(_too_few(total, held_out))
         elif size.n_dev is not None:
             source = source.shuffle(seed=0).select(range(min(size.n_dev, len(source))))
         tokenized = tokenize_classification(source, tokenizer, size.max_length)
@@ -162,10 +168,19 @@ def _batches(task, tokenizer, spec: RunSpec, split: str, shuffle: bool) -> DataL
     else:
         wanted = None if size.n_train is None else held_out + size.n_train
         blocks = lm_blocks(list(source["text"]), tokenizer, size.max_length, wanted)
+        total = len(blocks)
         blocks = blocks[:held_out] if split == "search" else blocks[held_out:]
+        if split == "train" and len(blocks) == 0:
+            raise ValueError(_too_few(total, held_out, "token blocks"))
     rows = [{"input_ids": b, "labels": b} for b in blocks]
     return DataLoader(rows, batch_size=size.batch_size, shuffle=shuffle, generator=generator,
                       collate_fn=lambda items: {k: torch.stack([i[k] for i in items]) for k in items[0]})
+
+
+def _too_few(available: int, held_out: int, what: str = "training examples") -> str:
+    return (f"nothing left to train on: the configuration search holds out the first {held_out} {what} "
+            f"(SearchConfig.batches x batch size) and the training split has {available}; give more "
+            f"training data, or fewer search batches (RunSpec(search=SearchConfig(batches=...)))")
 
 
 # ---- configurations ------------------------------------------------------------------------------
@@ -230,6 +245,10 @@ def _setup(spec: RunSpec):
     task = load_task(spec.task, spec.preset)
     backbone, tokenizer = models.load_backbone(spec.backbone, task.task_type, num_labels=task.num_labels or 2)
     layout = models.matrix_layout(backbone, spec.backbone)
+    names = task.train.features["label"].names if task.num_labels else None
+    if names:  # a saved model then maps its outputs back to your labels
+        backbone.config.id2label = dict(enumerate(names))
+        backbone.config.label2id = {n: i for i, n in enumerate(names)}
     model = lora.build_lora_model(backbone, layout, QuantSpace.named(spec.quantizer), rank=spec.hp.rank,
                                   alpha=spec.hp.alpha, dropout=spec.hp.dropout,
                                   config_aware=get_method(spec.method).theta, task_type=task.task_type,
@@ -312,10 +331,13 @@ def trained_model(spec: RunSpec) -> lora.CoALoRAModel:
 def _cached_rows(spec: RunSpec, name: str, recompute: bool, compute) -> pd.DataFrame:
     """Rows cached as `name` in the run's folder, computed by `compute()` (a list of row dicts) if absent."""
     folder = run_dir(spec)
-    if not (folder / name).exists() or recompute:
+    state = processes()
+    if from_main(not (folder / name).exists() or recompute):
         rows = compute()
-        with atomic_path(folder / name) as tmp:
-            pd.DataFrame(rows).to_csv(tmp, index=False)
+        if state.is_main_process:
+            with atomic_path(folder / name) as tmp:
+                pd.DataFrame(rows).to_csv(tmp, index=False)
+        state.wait_for_everyone()
     return _read_rows(folder, spec, name)
 
 
@@ -367,6 +389,9 @@ def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
         logger.info("cache hit %s (%s %s seed %d)", folder.name, spec.method, task_identity(spec.task), spec.seed)
         return _read_rows(folder, spec)
     logger.info("running %s (%s %s seed %d)", folder.name, spec.method, task_identity(spec.task), spec.seed)
+    if recompute and state.is_main_process:  # a checkpoint of the cached run would resume into it
+        checkpoint_path(spec).unlink(missing_ok=True)
+    state.wait_for_everyone()
     rows, predictions, states, history, steps, search_rows = _execute(spec)
     if state.is_main_process:
         _write_run(folder, spec, rows, predictions, states, history, steps, search_rows)

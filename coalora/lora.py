@@ -41,6 +41,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME, ModulesToSaveWrapper
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from coalora import repro
 from coalora.configs import FIELDS, Configuration, Layout, MatrixSpec, QuantSpace
 from coalora.hypernet import ConfigAwareModel, check_layout
 from coalora.models import family_of, head_modules, lora_target_modules, matrix_layout, quantized_linears
@@ -280,14 +281,14 @@ class MaterializedAdapter:
     configuration: Configuration
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file(self.state_dict, directory / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
-        config = copy.deepcopy(self.peft_config)
-        config.inference_mode = True
-        config.save_pretrained(directory)
-        (directory / CONFIGURATION_FILE).write_text(self.configuration.to_json())
-        return directory
+        """Write the adapter as a stock PEFT directory (whole or not at all)."""
+        def write(staging: Path) -> None:
+            save_file(self.state_dict, staging / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
+            config = copy.deepcopy(self.peft_config)
+            config.inference_mode = True
+            config.save_pretrained(staging)
+            (staging / CONFIGURATION_FILE).write_text(self.configuration.to_json())
+        return write_directory(directory, write)
 
 
 @torch.no_grad()
@@ -356,6 +357,8 @@ def _saved_config(model: CoALoRAModel) -> dict:
         "name_or_path": getattr(plain.config, "_name_or_path", ""),
         "task_type": task_type,
         "num_labels": getattr(plain.config, "num_labels", None) if task_type == "classification" else None,
+        "labels": ([plain.config.id2label[i] for i in range(plain.config.num_labels)]
+                   if task_type == "classification" else None),  # output i is labels[i]
         "rank": lora_config.r, "alpha": lora_config.lora_alpha, "dropout": lora_config.lora_dropout,
         "config_aware": theta is not None,
         "theta": None if theta is None else {"embed_dim": theta.embed_dim, "hidden": theta.hidden},
@@ -373,13 +376,36 @@ def save_pretrained(model: CoALoRAModel, directory: str | Path) -> Path:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"cannot save to {str(directory)!r}: it exists and is not a directory")
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    processes = repro.processes()
+    if processes.is_main_process:  # under `accelerate launch` the others hold the same weights
+        _write_saved(model, directory)
+    processes.wait_for_everyone()
+    return directory
+
+
+def _write_saved(model: CoALoRAModel, directory: Path) -> None:
     state = {name: t.detach().cpu().contiguous() for name, t in adapter_state(model).items()}
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+
+    def write(staging: Path) -> None:
         save_file(state, staging / SAVED_WEIGHTS, metadata={"format": "pt"})
         (staging / SAVED_CONFIG).write_text(json.dumps(_saved_config(model), indent=1))
-        if directory.exists():  # replace an earlier save of the same name only once the new one is whole
+    write_directory(directory, write)
+
+
+def write_directory(directory: str | Path, write: Callable[[Path], None]) -> Path:
+    """Fill `directory` by `write(staging)` on a fresh folder beside it, then rename that into place:
+    the directory appears whole or not at all, and an earlier one is replaced only once the new is whole."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"cannot write to {str(directory)!r}: it exists and is not a directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's private 0700 would outlive the rename
+    try:
+        write(staging)
+        if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(directory, old)
@@ -429,7 +455,7 @@ def from_pretrained(base: nn.Module, directory: str | Path, cache: WeightCache |
     if actual != layout:
         differ = next((f"{a.name} {a.shape}" + (f" vs saved {b.name} {b.shape}" if b else " (not in the saved model)")
                        for a, b in zip(actual.matrices, [*layout.matrices, *[None] * len(actual)])
-                       if a != b), "their number")
+                       if a != b), f"their number ({len(actual)} vs {len(layout)})")
         raise ValueError(f"{str(directory)!r} was saved from backbone {config['backbone']!r} "
                          f"({config['model_type']}, {len(layout)} quantized matrices); the base model has "
                          f"{len(actual)} that differ first at {differ}: load the same backbone it was trained on")
@@ -440,6 +466,12 @@ def from_pretrained(base: nn.Module, directory: str | Path, cache: WeightCache |
         if labels != config["num_labels"]:
             raise ValueError(f"{str(directory)!r} has a {config['num_labels']}-label head; the base model has "
                              f"{labels} labels: load it with num_labels={config['num_labels']}")
+    weights = Path(directory) / SAVED_WEIGHTS
+    if not weights.is_file():  # checked before build_lora_model wraps `base` in place
+        raise ValueError(f"{str(directory)!r} has no {SAVED_WEIGHTS}: the save is incomplete")
+    if config.get("labels"):
+        base.config.id2label = dict(enumerate(config["labels"]))
+        base.config.label2id = {n: i for i, n in enumerate(config["labels"])}
     model = build_lora_model(base, layout, space, rank=config["rank"], alpha=config["alpha"],
                              dropout=config["dropout"], config_aware=config["config_aware"],
                              task_type=config["task_type"], cache=cache)
@@ -447,9 +479,6 @@ def from_pretrained(base: nn.Module, directory: str | Path, cache: WeightCache |
                                                         "hidden": model.theta.hidden}:
         raise ValueError(f"{str(directory)!r} has theta {config['theta']}, which this version of coalora "
                          f"does not build")
-    weights = Path(directory) / SAVED_WEIGHTS
-    if not weights.is_file():
-        raise ValueError(f"{str(directory)!r} has no {SAVED_WEIGHTS}: the save is incomplete")
     state = load_file(weights, device=str(next(base.parameters()).device))
     load_adapter_state(model, state)
     return model

@@ -70,19 +70,34 @@ class BackboneSpec:
         copied or moved model keeps its identity, and a changed one gets a new one)."""
         if self.folder is None:
             return self.name.replace("/", "--")
-        return f"{self.family}-{_folder_digest(str(Path(self.folder).resolve()))}"
+        folder = Path(self.folder).resolve()
+        stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in _model_files(folder))
+        return f"{self.family}-{_folder_digest(str(folder), stamp)}"
+
+
+def _model_files(folder: Path) -> list[Path]:
+    return [folder / "config.json", *sorted(folder.glob("*.safetensors")), *sorted(folder.glob("*.bin"))]
 
 
 @functools.lru_cache(maxsize=None)
-def _folder_digest(folder: str) -> str:
-    """sha256 of a model folder's config.json and weight files (read once per process)."""
+def _folder_digest(folder: str, stamp: tuple) -> str:
+    """sha256 of a model folder's config.json and weight files, read again only when `stamp` (their
+    names, sizes and modification times) changes."""
     h = hashlib.sha256((Path(folder) / "config.json").read_bytes())
-    for weights in sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.bin")):
+    for weights in _model_files(Path(folder))[1:]:
         h.update(weights.name.encode())
         with open(weights, "rb") as f:
             while chunk := f.read(1 << 24):
                 h.update(chunk)
     return h.hexdigest()[:12]
+
+
+def backbone_identity(name: str) -> str:
+    """What a run's cache key holds for backbone `name`: the name itself, or for a local folder its
+    family and content digest (`cache_id`). A hub id stays a name: resolving it needs the hub."""
+    if name in BACKBONES or not Path(name).expanduser().is_dir():
+        return name
+    return backbone_spec(name).cache_id
 
 
 BACKBONES = {spec.name: spec for spec in (
@@ -221,7 +236,8 @@ def load_backbone(name: str, task_type: str = "classification", num_labels: int 
         auto, model_kwargs = AutoModelForCausalLM, {}
     dtype = spec.dtype if dtype is None else dtype
     if four_bit:
-        model_kwargs |= {"quantization_config": bnb_4bit_config(), "device_map": "cpu"}
+        model_kwargs |= {"quantization_config": bnb_4bit_config(),
+                         "device_map": {"": 0} if torch.cuda.is_available() else "cpu"}
 
     start = time.perf_counter()
     if spec.offline:

@@ -290,7 +290,9 @@ def _loader_generator(batches: DataLoader) -> torch.Generator | None:
 
 def _random_states(batches: DataLoader, rng: random.Random | None = None) -> dict:
     generator = _loader_generator(batches)
+    # CUDA's generators too: dropout on a GPU draws from them, and a resumed run must draw the same masks.
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "picks": None if rng is None else rng.getstate(),
             "loader": None if generator is None else generator.get_state()}
 
@@ -299,6 +301,8 @@ def _restore_random_states(states: dict, batches: DataLoader, rng: random.Random
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
     if rng is not None:
         rng.setstate(states["picks"])
     generator = _loader_generator(batches)
@@ -318,7 +322,8 @@ def _save_checkpoint(path: Path | None, data: dict) -> None:
 def _load_checkpoint(path: Path | None, method: str) -> dict | None:
     if path is None or not Path(path).exists():
         return None
-    data = torch.load(path, weights_only=False)  # our own file: configurations and RNG states pickled
+    # Our own file (configurations and RNG states pickled); on the CPU, whichever device saved it.
+    data = torch.load(path, map_location="cpu", weights_only=False)
     if data.get("method") != method:
         raise ValueError(f"checkpoint {str(path)!r} is of method {data.get('method')!r}, not {method!r}; "
                          f"delete it to start over")

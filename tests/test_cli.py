@@ -59,11 +59,13 @@ def test_train_materialize_and_peft_reproduce_the_coalora_logits(home, model_fol
                      "--out", str(saved)]) == 0
     config = lora.read_saved_config(saved)
     assert (config["num_labels"], config["config_aware"], config["task_type"]) == (3, True, "classification")
+    assert config["labels"] == ["bad", "fine", "good"]  # output i is labels[i]
     assert cli.main(["materialize", "--model", str(model_folder), "--adapter", str(saved), "--budget", "3.1",
                      "--out", str(adapter)]) == 0
 
     base, tokenizer = load_backbone(str(model_folder), num_labels=3)
     coalora_model = lora.from_pretrained(base, saved)
+    assert base.config.id2label == {0: "bad", 1: "fine", 2: "good"}
     configuration = Configuration.from_json((adapter / lora.CONFIGURATION_FILE).read_text(), coalora_model.layout)
     assert abs(configuration.avg_bits - 3.1) < 0.1
     batch = tokenizer(["a superb film", "an awful one", "it was okay"], padding=True, return_tensors="pt")
@@ -91,6 +93,8 @@ def test_allocate_writes_a_configuration_at_the_budget(home, tmp_path, capsys):
     (["allocate", "--model", "minilm-l6", "--budget", "-1"], "positive number of bits, got '-1'"),
     (["train", "--model", "minilm-l6", "--data", "x.csv", "--task-type", "regression", "--out", "o"],
      "invalid choice: 'regression'"),
+    (["train", "--model", "minilm-l6", "--data", "x.csv", "--task-type", "classification", "--n-train", "0",
+      "--out", "o"], "must be a whole number >= 1, got '0'"),
 ])
 def test_bad_arguments_name_the_bad_value(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -108,12 +112,18 @@ def test_bad_input_files_are_a_clear_error_and_write_nothing(home, model_folder,
     assert cli.main(["materialize", "--model", "minilm-l6", "--adapter", str(tmp_path), "--budget", "3",
                      "--out", str(out)]) == 2
     assert "not a saved CoA-LoRA model" in capsys.readouterr().err and not out.exists()
+    assert cli.main(["materialize", "--model", "minilm-l6", "--adapter", str(tmp_path), "--configuration",
+                     str(tmp_path / "none.json"), "--out", str(out)]) == 2
+    assert "cannot read the configuration file" in capsys.readouterr().err and not out.exists()
+    assert cli.main(["materialize", "--model", "minilm-l6", "--adapter", str(tmp_path), "--budget", "3",
+                     "--out", str(single)]) == 2
+    assert "is a file; give a directory" in capsys.readouterr().err
 
 
 def test_python_dash_m_coalora_shows_every_command():
     out = subprocess.run([sys.executable, "-m", "coalora", "--help"], capture_output=True, text=True, check=True)
     for command in ("run", "train", "materialize", "allocate"):
-        assert command in out.stdout
+        assert re.search(rf"^\s+{command}\s+\S", out.stdout, re.MULTILINE), command  # its line in the list
 
 
 def test_two_processes_under_accelerate_launch_train_once_and_write_one_result(home, model_folder, reviews,

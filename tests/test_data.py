@@ -188,6 +188,12 @@ def test_a_causal_lm_file_and_a_given_dev_file(tmp_path):
     assert len(task.train) == 12 and task.dev["text"] == ["held out text"]
 
 
+def test_numeric_labels_keep_their_numeric_order(tmp_path):
+    path = _write_csv(tmp_path / "n.csv", [f"t{i},{i % 12}" for i in range(60)])
+    task = data.load_task(data.DataSpec(str(path), "classification"), "default")
+    assert task.train.features["label"].names == [str(k) for k in range(12)]  # 2 before 10
+
+
 def test_identity_changes_when_the_file_changes(tmp_path):
     path = _write_csv(tmp_path / "d.csv", [f"t{i},{i % 2}" for i in range(20)])
     spec = data.DataSpec(str(path), "classification")
@@ -209,6 +215,9 @@ def test_bad_own_data_gets_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="2 rows have an empty text column \\(first at row 3\\)"):
         rows = [("" if i in (3, 7) else f"t{i}") + f",{i % 2}" for i in range(20)]
         data.load_task(data.DataSpec(str(_write_csv(tmp_path / "c.csv", rows)), "classification"), "default")
+    with pytest.raises(ValueError, match="2 rows have no label in column 'label' \\(first at row 4\\)"):
+        rows = [f"t{i}," + ("" if i in (4, 9) else f"{i % 2}") for i in range(20)]
+        data.load_task(data.DataSpec(str(_write_csv(tmp_path / "g.csv", rows)), "classification"), "default")
     with pytest.raises(ValueError, match="unknown format '.xlsx'"):
         (tmp_path / "d.xlsx").write_text("x")
         data.load_task(data.DataSpec(str(tmp_path / "d.xlsx"), "classification"), "default")

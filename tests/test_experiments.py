@@ -74,6 +74,17 @@ def test_same_seed_same_numbers_other_seed_other_key(runs_in_tmp):
     assert spec("shared").key() == spec("shared").resolved().key()
 
 
+def test_data_too_small_for_the_held_out_slice_is_an_error_not_an_untrained_model(runs_in_tmp, tmp_path):
+    from coalora.data import DataSpec
+
+    path = tmp_path / "few.csv"
+    path.write_text("text,label\n" + "\n".join(f"sentence {i},{i % 2}" for i in range(30)) + "\n")
+    few = spec("qlora", task=DataSpec(str(path), "classification"))  # 27 training rows, 32 held out
+    with pytest.raises(ValueError, match="holds out the first 32 training examples .* has 27"):
+        run_experiment(few)
+    assert not runs_in_tmp.exists() or not any(runs_in_tmp.iterdir())
+
+
 def test_theta_learning_rate_splits_only_runs_with_theta():
     for method, splits in (("coalora", True), ("coalora-no-theta", False), ("qlora", False)):
         other = spec(method, hp=HyperParams(epochs=1, configs_per_step=8, theta_lr=3e-4))

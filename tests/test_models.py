@@ -4,6 +4,8 @@ Layout rules are checked on tiny randomly initialised models of every family (th
 models are allowed); the real offline backbones are checked on the fetched assets.
 """
 
+import json
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -202,6 +204,14 @@ def test_a_local_folder_is_a_backbone_with_its_family_and_its_own_cache_identity
            [(m.name, m.shape) for m in models.matrix_layout(reference, "minilm-l6").matrices]
     assert torch.equal(model.bert.encoder.layer[0].attention.self.query.weight,
                        reference.bert.encoder.layer[0].attention.self.query.weight)
+    from coalora.experiments import RunSpec
+
+    run = RunSpec(preset="smoke", task="sst2", method="qlora", backbone=str(folder))
+    before = run.key()
+    config = json.loads((folder / "config.json").read_text()) | {"hidden_dropout_prob": 0.2}
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text(json.dumps(config))
+    assert models.backbone_spec(str(folder)).cache_id != spec.cache_id and run.key() != before  # edited: new
 
 
 def test_backbones_that_cannot_be_resolved_say_why(tmp_path, monkeypatch):

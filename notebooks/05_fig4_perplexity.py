@@ -62,7 +62,7 @@ ceiling = studies.references(rows)
 print("the same LoRA on the unquantized backbone:", ceiling[["mean", "std"]].round(2).to_dict("records"))
 adapters = wide.drop(columns=["no-adapter"])
 print("best per budget:", {budget: METHODS[m].label for budget, m in adapters.idxmin(axis=1).items()})
-print("methods at or above the no-adapter floor:",
+print("methods no better than the no-adapter floor (perplexity at or above it):",
       {budget: [METHODS[m].label for m in adapters.columns if adapters.loc[budget, m] >= wide.loc[budget, "no-adapter"]]
        for budget in wide.index})
 claims.causal_claims(preset, seeds).round(3)

@@ -192,10 +192,11 @@ def test_a_local_folder_is_a_backbone_with_its_family_and_its_own_cache_identity
             (folder / f.name).symlink_to(f)
     spec = models.backbone_spec(str(folder))
     assert (spec.family, spec.architecture, spec.offline, spec.folder) == ("bert", "encoder", True, str(folder))
-    assert spec.cache_id.startswith("bert-") and "/" not in spec.cache_id
+    identity = spec.cache_id
+    assert identity.startswith("bert-") and "/" not in identity
     moved = tmp_path / "elsewhere"
     folder.rename(moved)
-    assert models.backbone_spec(str(moved)).cache_id == spec.cache_id  # the same model, by content
+    assert models.backbone_spec(str(moved)).cache_id == identity  # the same model, by content
     moved.rename(folder)
     model, _ = models.load_backbone(str(folder), num_labels=3)
     reference, _ = models.load_backbone("minilm-l6", num_labels=3)
@@ -211,7 +212,7 @@ def test_a_local_folder_is_a_backbone_with_its_family_and_its_own_cache_identity
     config = json.loads((folder / "config.json").read_text()) | {"hidden_dropout_prob": 0.2}
     (folder / "config.json").unlink()
     (folder / "config.json").write_text(json.dumps(config))
-    assert models.backbone_spec(str(folder)).cache_id != spec.cache_id and run.key() != before  # edited: new
+    assert models.backbone_spec(str(folder)).cache_id != identity and run.key() != before  # edited: new
 
 
 def test_backbones_that_cannot_be_resolved_say_why(tmp_path, monkeypatch):

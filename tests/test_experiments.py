@@ -23,7 +23,7 @@ def spec(method: str = "coalora", **kwargs) -> RunSpec:
     trains on all of it), plain-error ILP."""
     fields = {"eval_budgets": (3.0,), "unseen_budgets": (3.5,), "size": TINY,
               "hp": HyperParams(epochs=1, configs_per_step=8), "weighting": "error"}
-    return RunSpec(preset="smoke", task="sst2", method=method, **(fields | kwargs))
+    return RunSpec(**({"preset": "smoke", "task": "sst2", "method": method} | fields | kwargs))
 
 
 @pytest.fixture

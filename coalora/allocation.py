@@ -304,20 +304,26 @@ def cost_table(backbone: str, space: QuantSpace | str = "nf", weighting: str = "
     state = processes()
     if from_main(path.exists() and not recompute):  # under `accelerate launch` the main process decides
         return load()
-    if not state.is_main_process:  # it computes the table; the others read it
-        state.wait_for_everyone()
+    if not state.is_main_process:  # the main process computes the table and tells the others how it went
+        error = from_main(None)
+        if error is not None:
+            raise RuntimeError(f"the main process could not compute cost table {path.name}: {error}")
         return load()
-    if weighting == "fisher":
-        model, importance, description = task_fisher(backbone, task, preset)
-    else:
-        task_type = "classification" if models.backbone_spec(backbone).architecture == "encoder" else "causal-lm"
-        (model, _), importance, description = models.load_backbone(backbone, task_type), None, "none"
-    layout = models.matrix_layout(model, backbone)
-    weights = {name: mod.weight for name, mod in models.quantized_linears(model).items()}
-    table = compute_cost_table(weights, layout, space, importance, description, fraction=sample_fraction(layout))
-    table.save(path)
+    try:
+        if weighting == "fisher":
+            model, importance, description = task_fisher(backbone, task, preset)
+        else:
+            task_type = "classification" if models.backbone_spec(backbone).architecture == "encoder" else "causal-lm"
+            (model, _), importance, description = models.load_backbone(backbone, task_type), None, "none"
+        layout = models.matrix_layout(model, backbone)
+        weights = {name: mod.weight for name, mod in models.quantized_linears(model).items()}
+        table = compute_cost_table(weights, layout, space, importance, description, fraction=sample_fraction(layout))
+        table.save(path)
+    except Exception as err:
+        from_main(f"{type(err).__name__}: {err}")  # the others raise too, instead of waiting for ever
+        raise
     logger.info("saved cost table %s (errors from %.1f%% of the weights)", path, 100 * sample_fraction(layout))
-    state.wait_for_everyone()
+    from_main(None)
     return table
 
 

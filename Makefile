@@ -48,7 +48,7 @@ reproduce: assets
 # down many times over). `make bench QUICK=1` runs each in its quick mode, as the test suite does.
 BENCHMARKS := $(sort $(wildcard bench/*.py))
 
-# The scaling study behind the default preset's scale (notebooks/scaling, about 1.5 h on 2 CPU cores;
+# The scaling study behind the default preset's scale (notebooks/scaling, about 1 h on 2 CPU cores;
 # MPNet-base is a large asset): writes figures/scaling.* and results/scaling_gaps.csv.
 scaling: assets
 	$(PY) -m coalora.assets fetch --large

@@ -26,7 +26,7 @@
 # on average), what one shared adapter costs against CoA-LoRA, and what theta adds (CoA-LoRA minus its
 # theta-free twin), at the lowest and the highest NF budget (2.5 and 4 bits). More training sentences at the
 # preset's two epochs are more steps. Run with `make scaling` (not part of `make reproduce`: it takes about an
-# hour and a half on 2 CPU cores).
+# hour on 2 CPU cores).
 
 # %% tags=["parameters"]
 preset = "default"   # smoke | default | large | paper

@@ -60,7 +60,7 @@ fig, axes = plt.subplots(1, len(backbones), figsize=(5 * len(backbones), 3.4), s
                          layout="constrained")
 for ax, backbone in zip(axes[0], backbones):
     plots.plot_scaling(ax, gaps[gaps["backbone"] == backbone])
-    ax.set_title(rows.loc[rows["backbone"] == backbone, "backbone_label"].iloc[0].split(";")[0], fontsize=8)
+    ax.set_title(rows.loc[rows["backbone"] == backbone, "backbone_label"].iloc[0].split(" (")[0], fontsize=8)
 axes[0][0].legend(fontsize=7)
 fig.suptitle(plots.caption(f"Scaling study ({preset} preset, seed {seed})", rows, 130), fontsize=8)
 plots.save_figure(fig, figures, "scaling")

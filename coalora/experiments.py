@@ -17,9 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -38,7 +35,8 @@ from coalora.methods import METHODS, check_method, method as get_method
 from coalora.metrics import TASK_METRICS, evaluate
 from coalora.names import check_name
 from coalora.presets import RunSize, preset as get_preset
-from coalora.repro import atomic_path, from_main, processes, provenance, seed_everything, write_json_atomic
+from coalora.repro import (atomic_path, from_main, processes, provenance, seed_everything, write_directory,
+                           write_json_atomic)
 from coalora.search import ConfigurationSearch, SearchConfig, fixed_batches
 from coalora.training import FULL_PRECISION, HyperParams, Trained, train
 
@@ -403,9 +401,7 @@ def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
 def _write_run(folder: Path, spec: RunSpec, rows, predictions, states, history, steps, search_rows) -> None:
     """Write a run's files into a fresh folder beside `folder` and rename it into place: a run folder
     is whole or absent."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    def write(work: Path) -> None:
         rows.to_csv(work / "rows.csv", index=False)
         np.savez_compressed(work / "predictions.npz", **predictions)
         save_file({f"{cfg}/{name}": t.contiguous() for cfg, state in states.items() for name, t in state.items()},
@@ -414,12 +410,7 @@ def _write_run(folder: Path, spec: RunSpec, rows, predictions, states, history, 
         pd.DataFrame(steps, columns=STEP_COLUMNS).to_csv(work / "steps.csv", index=False, float_format="%.6g")
         pd.DataFrame(search_rows, columns=SEARCH_COLUMNS).to_csv(work / "search.csv", index=False)
         write_json_atomic(work / "provenance.json", provenance(asdict(spec), spec.seed))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(work, folder)
-    finally:
-        if work.exists():
-            shutil.rmtree(work)
+    write_directory(folder, write)
 
 
 def predictions(spec: RunSpec) -> dict[str, np.ndarray]:

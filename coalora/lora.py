@@ -26,9 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -288,7 +285,7 @@ class MaterializedAdapter:
             config.inference_mode = True
             config.save_pretrained(staging)
             (staging / CONFIGURATION_FILE).write_text(self.configuration.to_json())
-        return write_directory(directory, write)
+        return repro.write_directory(directory, write)
 
 
 @torch.no_grad()
@@ -389,34 +386,7 @@ def _write_saved(model: CoALoRAModel, directory: Path) -> None:
     def write(staging: Path) -> None:
         save_file(state, staging / SAVED_WEIGHTS, metadata={"format": "pt"})
         (staging / SAVED_CONFIG).write_text(json.dumps(_saved_config(model), indent=1))
-    write_directory(directory, write)
-
-
-def write_directory(directory: str | Path, write: Callable[[Path], None]) -> Path:
-    """Fill `directory` by `write(staging)` on a fresh folder beside it, then rename that into place:
-    the directory appears whole or not at all, and an earlier one is replaced only once the new is whole."""
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"cannot write to {str(directory)!r}: it exists and is not a directory")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's private 0700 would outlive the rename
-    try:
-        write(staging)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(staging, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
+    repro.write_directory(directory, write)
 
 
 def read_saved_config(directory: str | Path) -> dict:

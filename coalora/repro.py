@@ -7,8 +7,10 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import metadata
@@ -107,6 +109,33 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_directory(directory: str | Path, write: Callable[[Path], None]) -> Path:
+    """Fill `directory` by `write(staging)` on a fresh folder beside it, then rename that into place:
+    the directory appears whole or not at all, and an earlier one is replaced only once the new is whole."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"cannot write to {str(directory)!r}: it exists and is not a directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's private 0700 would outlive the rename
+    try:
+        write(staging)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(staging, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

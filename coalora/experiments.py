@@ -194,7 +194,8 @@ def unseen_budgets(step: float, eval_budgets, n: int = N_UNSEEN_BUDGETS,
     """Budgets half-way between consecutive initial-pool budgets, nearest the evaluation range first,
     so their ILP configurations are not in CoA-LoRA's initial training set."""
     grid = pool_budgets(step, pool_range)
-    mids = (grid[1:] + grid[:-1]) / 2
+    taken = {round(float(b), 4) for b in (*grid, *eval_budgets)}  # in the initial pool: not unseen
+    mids = [m for m in (grid[1:] + grid[:-1]) / 2 if round(float(m), 4) not in taken]
     lo, hi = min(eval_budgets), max(eval_budgets)
     ranked = sorted(mids, key=lambda b: (not lo <= b <= hi, abs(b - (lo + hi) / 2)))
     return tuple(sorted(round(float(b), 4) for b in ranked[:n]))

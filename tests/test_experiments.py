@@ -324,3 +324,11 @@ def test_a_trained_model_serves_as_real_bitsandbytes_nf4_layers(runs_in_tmp, tmp
             agree.append(model(**inputs).logits.argmax(-1) == deployed(**inputs).logits.argmax(-1))
     agreement = torch.cat(agree).float().mean().item()
     assert len(dev) == 872 and agreement >= 0.99, agreement
+
+
+@pytest.mark.parametrize("step", [0.1, 0.25, 0.5, 1.25])
+def test_unseen_budgets_are_never_in_the_initial_pool(step):
+    budgets = experiments.unseen_budgets(step, experiments.EVAL_BUDGETS["nf"])
+    pool = {round(float(b), 4) for b in experiments.pool_budgets(step)} | set(experiments.EVAL_BUDGETS["nf"])
+    assert not set(budgets) & pool
+    assert len(budgets) == (experiments.N_UNSEEN_BUDGETS if step <= 0.5 else 4)  # a 1.25-bit grid has 4 gaps

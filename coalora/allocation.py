@@ -33,7 +33,7 @@ from coalora.repro import atomic_path, from_main, processes
 logger = logging.getLogger(__name__)
 
 # Bump when the quantizer or the cost definition changes, so cached tables are recomputed.
-COST_TABLE_VERSION = 1
+COST_TABLE_VERSION = 2  # bump when a table's numbers change: every cached table is recomputed
 # Cost tables are exact up to COST_TABLE_EXACT quantized weights (MiniLM-L6 has 10.6M); bigger models
 # score a seeded sample of COST_TABLE_SAMPLE weights in 64-weight chunks (allocations then cost within
 # ~1% of the exact optimum, tested on MiniLM).
@@ -255,7 +255,7 @@ def configuration_from_choice(table: CostTable, choice: np.ndarray) -> Configura
 
 def task_fisher(backbone: str, task, preset: str, n_examples: int | None = None):
     """(model, diagonal Fisher per quantized matrix, description): the per-example Fisher of the
-    task loss on the first `n_examples` training examples of `task` under `preset` (token blocks for
+    task loss on the last `n_examples` training examples of `task` under `preset` (token blocks for
     a causal LM). A classifier's head is the freshly initialised one of seed 0, as fine-tuning starts."""
     from coalora.data import lm_blocks, load_task, tokenize_classification
 
@@ -264,12 +264,16 @@ def task_fisher(backbone: str, task, preset: str, n_examples: int | None = None)
     torch.manual_seed(0)
     model, tokenizer = models.load_backbone(backbone, data.task_type, num_labels=data.num_labels or 2,
                                             dtype=torch.float32)
+    # From the end of the training split: the configuration search's held-out slice is its start
+    # (coalora.experiments), and the allocation should not have seen it either.
     if data.task_type == "classification":
-        rows = tokenize_classification(data.train.shuffle(seed=0).select(range(min(n_examples, len(data.train)))),
-                                       tokenizer, FISHER_MAX_LENGTH)
+        shuffled = data.train.shuffle(seed=0)
+        n = min(n_examples, len(shuffled))
+        rows = tokenize_classification(shuffled.select(range(len(shuffled) - n, len(shuffled))), tokenizer,
+                                       FISHER_MAX_LENGTH)
         batches = ({k: v[None] for k, v in row.items()} for row in rows)
     else:
-        blocks = lm_blocks(list(data.train["text"]), tokenizer, FISHER_MAX_LENGTH, n_examples)
+        blocks = lm_blocks(list(reversed(data.train["text"])), tokenizer, FISHER_MAX_LENGTH, n_examples)
         batches = ({"input_ids": b[None], "labels": b[None]} for b in blocks)
     linears = models.quantized_linears(model)
     fisher = fisher_diagonal(model, linears, tqdm(batches, total=n_examples, desc="Fisher", leave=False))

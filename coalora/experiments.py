@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from coalora import assets, lora, models
-from coalora.allocation import WEIGHTINGS, allocate
+from coalora.allocation import COST_TABLE_VERSION, WEIGHTINGS, allocate
 from coalora.configs import Configuration, QuantSpace, unique
 from coalora.data import DataSpec, lm_blocks, load_task, task_identity, task_type, tokenize_classification
 from coalora.methods import METHODS, check_method, method as get_method
@@ -42,7 +42,7 @@ from coalora.training import FULL_PRECISION, HyperParams, Trained, train
 
 logger = logging.getLogger(__name__)
 
-RUN_VERSION = 3  # bump when training or evaluation changes numbers: every cached run is recomputed
+RUN_VERSION = 4  # bump when training or evaluation changes numbers: every cached run is recomputed
 
 # The paper's evaluation budgets: its NF figures at 2.5-4 bits, its integer table at 3-6 bits.
 EVAL_BUDGETS = {"nf": (2.5, 3.0, 3.5, 4.0), "int": (3.0, 4.0, 5.0, 6.0)}
@@ -118,8 +118,8 @@ class RunSpec:
         # Your own data enters by its identity (a digest of its files too), so an edited file is a new run.
         # A local model folder enters by its content, so an edited or retrained model is a new run too.
         resolved = self.resolved()
-        data = {"version": RUN_VERSION, **asdict(resolved), "task": task_identity(self.task),
-                "backbone": models.backbone_identity(resolved.backbone)}
+        data = {"version": RUN_VERSION, "cost_tables": COST_TABLE_VERSION, **asdict(resolved),
+                "task": task_identity(self.task), "backbone": models.backbone_identity(resolved.backbone)}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

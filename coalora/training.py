@@ -288,6 +288,14 @@ def _loader_generator(batches: DataLoader) -> torch.Generator | None:
     return getattr(get_sampler(batches), "generator", None)
 
 
+def _reseed(batches: DataLoader, seed: int) -> None:
+    """Seed every random stream of a training: Python, NumPy, torch and the batches' shuffling."""
+    seed_everything(seed)
+    generator = _loader_generator(batches)
+    if generator is not None:
+        generator.manual_seed(seed)
+
+
 def _random_states(batches: DataLoader, rng: random.Random | None = None) -> dict:
     generator = _loader_generator(batches)
     # CUDA's generators too: dropout on a GPU draws from them, and a resumed run must draw the same masks.
@@ -370,7 +378,7 @@ def train(method: str, model: torch.nn.Module, configurations: Sequence[Configur
             key = configuration.digest()
             if key in states:  # trained before an interruption
                 continue
-            seed_everything(seed)
+            _reseed(batches, seed)  # every adapter sees the batches in the same order, as the shared ones do
             lora.load_adapter_state(model, initial)
             start = time.perf_counter()
             lora.set_configuration(model, configuration)
@@ -385,7 +393,7 @@ def train(method: str, model: torch.nn.Module, configurations: Sequence[Configur
                                           "random": _random_states(batches)})
         return Trained(method, model, configurations, states, seconds, history, trained_on, steps)
 
-    seed_everything(seed)
+    _reseed(batches, seed)
     if spec.training == "none":
         return Trained(method, model, configurations, {"shared": initial}, {"shared": 0.0}, [], trained_on, steps)
     rng = random.Random(seed)

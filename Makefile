@@ -35,8 +35,13 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 PRESET    ?= default
 
 # --log-output shows each cell as it starts ("Executing Cell N") and its output (training progress bars).
+# The runs first, WORKERS side by side (2 on 2 CPU cores: 1.27 x the throughput of one process, see
+# docs/measurements.md#reproduce-time; WORKERS=1 on a single GPU), then each notebook reads them cached.
+WORKERS ?= 2
+
 reproduce: assets
 	@$(if $(filter large,$(PRESET)),$(PY) -m coalora.assets fetch --large)
+	$(PY) -m coalora.studies runs --preset $(PRESET) --workers $(WORKERS)
 	@mkdir -p out/notebooks/$(PRESET)
 	@for nb in $(NOTEBOOKS); do \
 		echo "papermill $$nb (preset $(PRESET))"; \

@@ -78,6 +78,23 @@ def ablation_specs(preset: str, task: str, seeds: Iterable[int] = (0,), modes: I
             for spec in study_specs(preset, task, "nf", ["coalora"], seeds, search=mode, **fields)]
 
 
+# The numbered notebooks' defaults (their `parameters` cells): seeds, and the epochs of Figure 8's runs.
+SEQUENCE_SEEDS = (0, 1, 2)
+SEQUENCE_ABLATION_EPOCHS = 3
+
+
+def sequence_specs(preset: str, task: str = "sst2", seeds: Iterable[int] = SEQUENCE_SEEDS,
+                   ablation_epochs: int = SEQUENCE_ABLATION_EPOCHS) -> list[RunSpec]:
+    """Every run the numbered notebooks train with these parameters: Figures 1-3 and Table 1 (NF and
+    integer), Figure 2's search, Figure 4's causal LM with the no-adapter floor, Figure 8's ablation.
+    `python -m coalora.studies runs` computes them side by side before the notebooks read them."""
+    seeds = list(seeds)
+    return [*study_specs(preset, task, "nf", seeds=seeds), *study_specs(preset, task, "int", seeds=seeds),
+            *study_specs(preset, task, "nf", methods=["coalora"], seeds=seeds[:1], search="pareto"),
+            *study_specs(preset, "c4", "nf", [*COMPARED, "no-adapter"], seeds=seeds),
+            *ablation_specs(preset, task, seeds, epochs=ablation_epochs)]
+
+
 # The scaling study: what each gap says about the method, and which runs measure it.
 SCALING_GAPS = {  # name -> (method, reference, budgets: "lowest" or "mean")
     "full precision - QLoRA, lowest budget": ("fp-lora", "qlora", "lowest"),
@@ -363,3 +380,30 @@ def _jsonable(value):
     if isinstance(value, RunSpec):
         return _jsonable(asdict(value))
     return value
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+    import logging
+
+    from coalora.presets import PRESETS
+
+    parser = argparse.ArgumentParser(prog="python -m coalora.studies",
+                                     description="Compute the runs the numbered notebooks read, side by side.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    runs = commands.add_parser("runs", help="train and evaluate every run of the notebook sequence not yet cached")
+    runs.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    runs.add_argument("--task", default="sst2")
+    runs.add_argument("--workers", type=int, default=1,
+                      help="processes side by side, each with an equal share of the CPU threads (default 1)")
+    runs.add_argument("--recompute", action="store_true", help="recompute cached runs too")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    logging.basicConfig(level=logging.WARNING)
+    done = experiments.run_many(sequence_specs(args.preset, args.task), args.workers, args.recompute)
+    print(f"{done} runs computed; the rest were cached")
+
+
+if __name__ == "__main__":
+    main()

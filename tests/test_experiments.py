@@ -1,6 +1,8 @@
 """Experiment runs on the real MiniLM-L6 and RT sentences, shrunk to seconds: tidy rows, the
 content-hash cache (hit, miss, recompute) and interrupted-run cleanliness."""
 
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -332,3 +334,32 @@ def test_unseen_budgets_are_never_in_the_initial_pool(step):
     pool = {round(float(b), 4) for b in experiments.pool_budgets(step)} | set(experiments.EVAL_BUDGETS["nf"])
     assert not set(budgets) & pool
     assert len(budgets) == (experiments.N_UNSEEN_BUDGETS if step <= 0.5 else 4)  # a 1.25-bit grid has 4 gaps
+
+
+def test_run_many_computes_what_is_missing_side_by_side_and_nothing_twice():
+    import shutil
+
+    specs = [spec("fp-lora", seed=11), spec("qlora", seed=11), spec("qlora", seed=11)]  # a repeat runs once
+    folders = {experiments.run_dir(s.resolved()) for s in specs}
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        reports = []
+        assert experiments.run_many(specs, workers=2, report=reports.append) == 2
+        assert "2 runs to compute" in reports[0] and "1 threads each" in reports[0]
+        for folder in folders:
+            assert (folder / "rows.csv").exists()
+            assert "1 torch threads" in json.loads((folder / "provenance.json").read_text())["device"]
+        assert experiments.run_many(specs, workers=2) == 0
+    finally:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_run_many_keeps_the_seeds_of_one_low_rank_initialisation_in_one_job():
+    specs = [spec(m, seed=s).resolved() for m in ("lqlora", "qlora", "coalora") for s in (0, 1)]
+    jobs = experiments._jobs(specs)
+    assert sorted(len(job) for job in jobs) == [1, 1, 1, 1, 2]
+    assert jobs[0] == [s for s in specs if s.method == "lqlora"]  # the longest job first
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+        experiments.run_many(specs, workers=0)

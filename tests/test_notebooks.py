@@ -9,6 +9,8 @@ import pandas as pd
 import papermill
 import pytest
 
+from coalora import studies
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")) + [ROOT / "notebooks" / "scaling.ipynb"]
 # notebook -> {results file: (required columns, minimum rows)} at the smoke preset with seed 0
@@ -37,6 +39,7 @@ EXPECTED = {
 }
 # Smoke parameters beyond the preset: the scaling study on one backbone at two small sizes.
 SMOKE = {"scaling": {"backbones": ["minilm-l6"], "n_trains": [32, 64], "mpnet_n_trains": []}}
+SEQUENCE_KEYS = {spec.resolved().key() for spec in studies.sequence_specs("smoke", seeds=[0])}
 FIGURES = {"01_fig1_motivation": "fig1_motivation", "02_fig2_workflow": "fig2_workflow",
            "04_fig3_bitwidth": "fig3_bitwidth", "05_fig4_perplexity": "fig4_perplexity",
            "06_fig8_search_ablation": "fig8_search_ablation", "scaling": "scaling"}
@@ -91,6 +94,8 @@ def test_notebook_runs_at_smoke_and_writes_its_files(notebook, tmp_path):
         record = json.loads((results / name).with_name(name.replace(".csv", ".provenance.json")).read_text())
         assert record["parameters"]["preset"] == "smoke" and record["rows"] == len(frame)
         assert all(run["key"] for run in record["runs"])
+        if notebook.stem[:2].isdigit():  # `python -m coalora.studies runs` computes every run the sequence reads
+            assert {run["key"] for run in record["runs"]} <= SEQUENCE_KEYS, name
     if notebook.stem in FIGURES:
         for suffix in (".png", ".pdf"):
             assert (tmp_path / "figures" / "smoke" / (FIGURES[notebook.stem] + suffix)).stat().st_size > 1000

@@ -36,7 +36,7 @@ PRESET    ?= default
 
 # --log-output shows each cell as it starts ("Executing Cell N") and its output (training progress bars).
 # The runs first, WORKERS side by side (2 on 2 CPU cores: 1.27 x the throughput of one process, see
-# docs/measurements.md#reproduce-time; WORKERS=1 on a single GPU), then each notebook reads them cached.
+# docs/measurements.md#threads-and-parallel-runs; WORKERS=1 on a single GPU), then each notebook reads them cached.
 WORKERS ?= 2
 
 reproduce: assets

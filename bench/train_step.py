@@ -8,7 +8,8 @@ divided by the measured throughput of a large matmul in the same precision; the 
 is from what the arithmetic alone would take. Results: docs/measurements.md#training-step.
 
 Run: `.venv/bin/python bench/train_step.py` on an otherwise idle machine (part of `make bench`);
-`--quick` times one step of each, to check that the benchmark runs.
+`--quick` times one step of each, to check that the benchmark runs; `--threads 1` in two shells at once
+measures what `make reproduce`'s two side-by-side runs get.
 """
 
 import argparse
@@ -38,7 +39,12 @@ def matmul_gflops(dtype: torch.dtype, size: int, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one timed step of each: checks that it runs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's, one per core); run two `--threads 1` at once to time "
+                             "runs side by side")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     steps, size, repeats = (1, 512, 2) if args.quick else (8, 2048, 10)
     print(f"torch threads {torch.get_num_threads()}")
     throughput = {name: matmul_gflops(dtype or torch.float32, size, repeats) for name, dtype in PRECISIONS.items()}

@@ -450,13 +450,16 @@ def run_many(specs, workers: int = 1, recompute: bool = False, report=print) -> 
     """Compute the runs of `specs` that are not cached (all with `recompute`), `workers` processes at
     a time, each with an equal share of this machine's CPU threads; returns how many were computed.
 
-    On 2 CPU cores two 1-thread processes train 1.27 x faster than one 2-thread process (small
-    matrices leave the second thread idle part of the time; docs/measurements.md#reproduce-time), so
-    a sequence of many small runs is best run side by side. Every run is written whole by its own
+    On 2 CPU cores two 1-thread processes train 1.27 x faster than one 2-thread process (small matrices
+    leave the second thread idle part of the time; docs/measurements.md#threads-and-parallel-runs), so a
+    sequence of many small runs is best run side by side. Every run is written whole by its own
     process, so an interrupted call leaves finished runs cached and nothing half-written.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers > 1 and processes().num_processes > 1:
+        raise ValueError(f"workers={workers} needs a single process, not {processes().num_processes} under "
+                         "`accelerate launch`: pass workers=1 there")
     todo = {}
     for spec in specs:
         spec = spec.resolved()
@@ -483,15 +486,17 @@ def run_many(specs, workers: int = 1, recompute: bool = False, report=print) -> 
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
     context = multiprocessing.get_context("spawn")  # fork would copy this process's torch thread pool
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = [pool.submit(_run_job, job, recompute, threads) for job in jobs]
-        pending = set(futures)
+    pool = ProcessPoolExecutor(workers, mp_context=context)
+    try:
+        pending = {pool.submit(_run_job, job, recompute, threads) for job in jobs}
         while pending:
             finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
             for future in finished:
-                for spec in future.result():  # a failed run raises here and cancels the jobs not started
+                for spec in future.result():  # a failed run raises here
                     done += 1
                     report(f"[{done}/{len(todo)}] {_describe(spec)}")
+    finally:  # after a failure, the jobs not started are dropped rather than run for nothing
+        pool.shutdown(cancel_futures=True)
     return done
 
 
@@ -525,5 +530,8 @@ def _run_job(job: list[RunSpec], recompute: bool, threads: int | None) -> list[R
     if threads is not None:
         torch.set_num_threads(threads)
     for spec in job:
-        run_experiment(spec, recompute)
+        try:
+            run_experiment(spec, recompute)
+        except Exception as error:  # the traceback of a worker process does not say which run it was
+            raise RuntimeError(f"run {_describe(spec)} failed: {error}") from error
     return job

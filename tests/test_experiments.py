@@ -336,8 +336,10 @@ def test_unseen_budgets_are_never_in_the_initial_pool(step):
     assert len(budgets) == (experiments.N_UNSEEN_BUDGETS if step <= 0.5 else 4)  # a 1.25-bit grid has 4 gaps
 
 
-def test_run_many_computes_what_is_missing_side_by_side_and_nothing_twice():
+def test_run_many_computes_what_is_missing_side_by_side_and_nothing_twice(monkeypatch):
     import shutil
+
+    monkeypatch.setattr(experiments, "_cpu_count", lambda: 2)  # a thread each, on any machine
 
     specs = [spec("fp-lora", seed=11), spec("qlora", seed=11), spec("qlora", seed=11)]  # a repeat runs once
     folders = {experiments.run_dir(s.resolved()) for s in specs}
@@ -363,3 +365,9 @@ def test_run_many_keeps_the_seeds_of_one_low_rank_initialisation_in_one_job():
     assert jobs[0] == [s for s in specs if s.method == "lqlora"]  # the longest job first
     with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
         experiments.run_many(specs, workers=0)
+
+
+def test_a_failed_run_is_named():
+    bad = spec("qlora", seed=12, task="qnli")  # no offline source: fails on loading
+    with pytest.raises(RuntimeError, match=r"run qlora .* seed 12 .* failed"):
+        experiments._run_job([bad], False, None)

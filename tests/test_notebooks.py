@@ -1,6 +1,7 @@
 """The notebook sequence: paired scripts in sync, no committed outputs, one `parameters` cell each, and
 every notebook executed headless with papermill at the smoke preset, checking the files it writes."""
 
+import ast
 import json
 from pathlib import Path
 
@@ -51,6 +52,16 @@ def _execute(notebook: Path, out_dir: Path, **parameters) -> Path:
                                parameters={"preset": "smoke", "seeds": [0], "output_root": str(out_dir),
                                            **parameters}, progress_bar=False)
     return executed
+
+
+@pytest.mark.parametrize("notebook", [nb for nb in NOTEBOOKS if nb.stem[:2].isdigit()], ids=lambda p: p.stem)
+def test_sequence_specs_use_the_notebooks_default_parameters(notebook):
+    # A parameters cell holds literals, so the defaults are stated there and in coalora.studies both.
+    defaults = {"task": "sst2", "seeds": list(studies.SEQUENCE_SEEDS), "seed": studies.SEQUENCE_SEEDS[0],
+                "epochs": studies.SEQUENCE_ABLATION_EPOCHS, "ablation_epochs": studies.SEQUENCE_ABLATION_EPOCHS}
+    parameters = {name: value["default"] for name, value in papermill.inspect_notebook(str(notebook)).items()}
+    for name in defaults.keys() & parameters.keys():
+        assert ast.literal_eval(parameters[name]) == defaults[name], (notebook.stem, name)
 
 
 def test_every_notebook_is_expected():

@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 INIT_PREFIX = "low_rank_init::"  # adapter-state keys of the low-rank fit an LQ-LoRA base is quantized around
 PRECISIONS = ("fp32", "bf16")
+# "constant": the paper's code (no scheduler); "linear": every learning rate falls linearly to 0 over an
+# adapter's steps, so the last iterate is not one noisy step of a constant rate.
+LR_SCHEDULES = ("constant", "linear")
 FULL_PRECISION = "full-precision"  # what `Trained.trained_on` and result rows call the unquantized weights
 # LQ-LoRA alternates until ||W - Q - L|| stops falling, at most 100 times in the original. The error
 # keeps falling slowly for long (MiniLM-L6's first FFN matrix at 2.5 bits: 9.26 after one iteration,
@@ -75,6 +78,7 @@ class HyperParams:
     # and one seed collapsed at 2.5 bits; at 1e-4 three seeds agree within 0.3 points
     # (docs/measurements.md#thetas-learning-rate).
     theta_lr: float | None = 1e-4
+    lr_schedule: str = "constant"  # one of LR_SCHEDULES
 
     def __post_init__(self):
         for name in ("rank", "alpha", "epochs", "configs_per_step", "micro_batches"):
@@ -85,6 +89,7 @@ class HyperParams:
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         check_name(self.precision, PRECISIONS, "precision")
+        check_name(self.lr_schedule, LR_SCHEDULES, "learning-rate schedule")
 
 
 @dataclass
@@ -155,6 +160,14 @@ def _backward(model, accelerator: Accelerator, parts: list[tuple[float, dict]], 
     return total
 
 
+def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+    """The learning rate of step `step` (0-based) of `total_steps`, as a fraction of the base rate;
+    from the step count alone, so a resumed run continues its schedule."""
+    if check_name(schedule, LR_SCHEDULES, "learning-rate schedule") == "constant":
+        return 1.0
+    return 1.0 - step / total_steps
+
+
 def _run_epochs(model, accelerator: Accelerator, batches: DataLoader, hp: HyperParams,
                 pick: Callable[[], Sequence[Configuration | None]], adapter: str, desc: str, trained_on: set[str],
                 steps: list[tuple], on_epoch_end: Callable[[int, list[dict], dict], None] | None = None,
@@ -172,6 +185,8 @@ def _run_epochs(model, accelerator: Accelerator, batches: DataLoader, hp: HyperP
               {"params": [p for p in params if id(p) in theta], "lr": hp.theta_lr or hp.lr}]
     optimizer = accelerator.prepare_optimizer(
         torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, weight_decay=hp.weight_decay))
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    total_steps = hp.epochs * len(batches)
     history, first = [], 0
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
@@ -191,6 +206,9 @@ def _run_epochs(model, accelerator: Accelerator, batches: DataLoader, hp: HyperP
                 steps.append((adapter, epoch, step, key, loss))
                 total, count = total + loss, count + 1
             accelerator.clip_grad_norm_(params, hp.clip)
+            factor = lr_factor(hp.lr_schedule, epoch * len(batches) + step, total_steps)
+            for group, lr in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = lr * factor
             optimizer.step()
         history.append({"epoch": epoch, "loss": total / max(count, 1)})
         if on_epoch_end is not None:

@@ -12,7 +12,7 @@ from coalora.configs import Configuration, LayerQuant, QuantSpace
 from coalora.methods import METHODS
 from coalora.metrics import evaluate
 from coalora.quant import fake_quantize
-from coalora.training import MAX_LQLORA_ITERATIONS, HyperParams, low_rank_fit, micro_batches, train
+from coalora.training import MAX_LQLORA_ITERATIONS, HyperParams, low_rank_fit, lr_factor, micro_batches, train
 
 NF = QuantSpace.nf()
 VOCAB = 32
@@ -254,3 +254,10 @@ def test_bf16_autocast_trains_and_keeps_fp32_adapters():
     assert 0.0 <= result["accuracy"] <= 1.0
     with pytest.raises(ValueError, match="unknown precision 'fp8'; valid precisions: fp32, bf16"):
         HyperParams(precision="fp8")
+
+
+def test_linear_schedule_falls_to_near_zero_and_constant_stays():
+    assert [lr_factor("linear", s, 4) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert {lr_factor("constant", s, 4) for s in range(4)} == {1.0}
+    with pytest.raises(ValueError, match="'cosine'.*constant, linear"):
+        HyperParams(lr_schedule="cosine")

@@ -14,6 +14,7 @@ scores on a held-out slice of the training split that no method trains on.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -448,17 +449,19 @@ def search_rounds(spec: RunSpec) -> pd.DataFrame:
 
 # ---- many runs at once ---------------------------------------------------------------------------
 
-def run_many(specs, workers: int = 1, recompute: bool = False, report=print) -> int:
+def run_many(specs, workers: int = 1, recompute: bool = False, report=None) -> int:
     """Compute the runs of `specs` that are not cached (all with `recompute`), `workers` processes at
     a time, each with an equal share of this machine's CPU threads; returns how many were computed.
 
     On 2 CPU cores two 1-thread processes train 1.27 x faster than one 2-thread process (small matrices
     leave the second thread idle part of the time; docs/measurements.md#threads-and-parallel-runs), so a
     sequence of many small runs is best run side by side. Every run is written whole by its own
-    process, so an interrupted call leaves finished runs cached and nothing half-written.
+    process, so an interrupted call leaves finished runs cached and nothing half-written. `report`
+    receives a progress line as each job ends (default: printed).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    report = report or functools.partial(print, flush=True)  # flushed: the lines reach a log file as they come
     if workers > 1 and processes().num_processes > 1:
         raise ValueError(f"workers={workers} needs a single process, not {processes().num_processes} under "
                          "`accelerate launch`: pass workers=1 there")

@@ -32,8 +32,7 @@ from coalora.repro import atomic_path, from_main, processes
 
 logger = logging.getLogger(__name__)
 
-# Bump when the quantizer or the cost definition changes, so cached tables are recomputed.
-COST_TABLE_VERSION = 2  # bump when a table's numbers change: every cached table is recomputed
+COST_TABLE_VERSION = 2  # bump when a table's numbers change: every cached table (and run) is recomputed
 # Cost tables are exact up to COST_TABLE_EXACT quantized weights (MiniLM-L6 has 10.6M); bigger models
 # score a seeded sample of COST_TABLE_SAMPLE weights in 64-weight chunks (allocations then cost within
 # ~1% of the exact optimum, tested on MiniLM).

@@ -122,7 +122,7 @@ class RunSpec:
         resolved = self.resolved()
         data = {"version": RUN_VERSION, "cost_tables": COST_TABLE_VERSION, **asdict(resolved),
                 "task": task_identity(self.task), "backbone": models.backbone_identity(resolved.backbone)}
-        if data["hp"]["lr_schedule"] == "constant":  # runs cached before the schedule was a choice keep their key
+        if data["hp"]["lr_schedule"] == "constant":  # unscheduled, like every run cached without this field
             del data["hp"]["lr_schedule"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -457,7 +457,8 @@ def run_many(specs, workers: int = 1, recompute: bool = False, report=None) -> i
     leave the second thread idle part of the time; docs/measurements.md#threads-and-parallel-runs), so a
     sequence of many small runs is best run side by side. Every run is written whole by its own
     process, so an interrupted call leaves finished runs cached and nothing half-written. `report`
-    receives a progress line as each job ends (default: printed).
+    receives a progress line as each job ends (default: printed). The workers are spawned and import
+    the calling script again, so a script calls this under `if __name__ == "__main__":`.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")

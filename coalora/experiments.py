@@ -18,7 +18,9 @@ import functools
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -488,9 +490,6 @@ def run_many(specs, workers: int = 1, recompute: bool = False, report=None) -> i
                 done += 1
                 report(f"[{done}/{len(todo)}] {_describe(spec)}")
         return done
-    import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-
     context = multiprocessing.get_context("spawn")  # fork would copy this process's torch thread pool
     pool = ProcessPoolExecutor(workers, mp_context=context)
     try:

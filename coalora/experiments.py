@@ -46,7 +46,7 @@ from coalora.training import FULL_PRECISION, HyperParams, Trained, train
 
 logger = logging.getLogger(__name__)
 
-RUN_VERSION = 4  # bump when training or evaluation changes numbers: every cached run is recomputed
+RUN_VERSION = 5  # bump when training or evaluation changes numbers: every cached run is recomputed
 
 # The paper's evaluation budgets: its NF figures at 2.5-4 bits, its integer table at 3-6 bits.
 EVAL_BUDGETS = {"nf": (2.5, 3.0, 3.5, 4.0), "int": (3.0, 4.0, 5.0, 6.0)}
@@ -124,8 +124,6 @@ class RunSpec:
         resolved = self.resolved()
         data = {"version": RUN_VERSION, "cost_tables": COST_TABLE_VERSION, **asdict(resolved),
                 "task": task_identity(self.task), "backbone": models.backbone_identity(resolved.backbone)}
-        if data["hp"]["lr_schedule"] == "constant":  # unscheduled, like every run cached without this field
-            del data["hp"]["lr_schedule"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

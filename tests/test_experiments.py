@@ -94,8 +94,8 @@ def test_theta_learning_rate_splits_only_runs_with_theta():
 
 
 def test_the_learning_rate_schedule_splits_runs():
-    linear = spec("qlora", hp=HyperParams(epochs=1, configs_per_step=8, lr_schedule="linear"))
-    assert linear.key() != spec("qlora").key()
+    constant = spec("qlora", hp=HyperParams(epochs=1, configs_per_step=8, lr_schedule="constant"))
+    assert constant.key() != spec("qlora").key()
 
 
 def test_interrupted_run_leaves_nothing_and_reruns(runs_in_tmp, monkeypatch):

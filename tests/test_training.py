@@ -259,5 +259,5 @@ def test_bf16_autocast_trains_and_keeps_fp32_adapters():
 def test_linear_schedule_falls_to_near_zero_and_constant_stays():
     assert [lr_factor("linear", s, 4) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
     assert {lr_factor("constant", s, 4) for s in range(4)} == {1.0}
-    with pytest.raises(ValueError, match="'cosine'.*constant, linear"):
+    with pytest.raises(ValueError, match="'cosine'.*linear, constant"):
         HyperParams(lr_schedule="cosine")

@@ -386,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import argparse
     import logging
 
+    from coalora.data import TASKS
     from coalora.presets import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m coalora.studies",
@@ -393,7 +394,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     runs = commands.add_parser("runs", help="train and evaluate every run of the notebook sequence not yet cached")
     runs.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    runs.add_argument("--task", default="sst2")
+    runs.add_argument("--task", default="sst2", help="the classification task (the causal LM's is c4)",
+                      choices=sorted(t for t in TASKS if task_type(t) == "classification"))
     runs.add_argument("--workers", type=int, default=1,
                       help="processes side by side, each with an equal share of the CPU threads (default 1)")
     runs.add_argument("--recompute", action="store_true", help="recompute cached runs too")

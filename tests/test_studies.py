@@ -419,3 +419,14 @@ def test_per_example_pairs_only_runs_scored_on_the_same_configurations(monkeypat
     arrays, budgets = studies.per_example(specs)
     assert budgets == [2.5, 3.0] and {m: a.shape for m, a in arrays.items()} == {"qlora": (2, 2, 5),
                                                                                   "coalora": (2, 2, 5)}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["runs", "--task", "sst3"], "invalid choice: 'sst3' (choose from 'mnli', 'qnli', 'rt-polarity', 'sst2')"),
+    (["runs", "--task", "c4"], "invalid choice: 'c4'"),
+    (["runs", "--workers", "0"], "--workers must be >= 1, got 0"),
+])
+def test_runs_command_names_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        studies.main(argv)
+    assert message in capsys.readouterr().err

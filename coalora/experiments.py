@@ -124,6 +124,8 @@ class RunSpec:
         resolved = self.resolved()
         data = {"version": RUN_VERSION, "cost_tables": COST_TABLE_VERSION, **asdict(resolved),
                 "task": task_identity(self.task), "backbone": models.backbone_identity(resolved.backbone)}
+        if resolved.hp.backbone_dropout is None:  # the checkpoint's dropout: the key runs had before the knob
+            del data["hp"]["backbone_dropout"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -247,6 +249,8 @@ def _setup(spec: RunSpec):
     seed_everything(spec.seed)
     task = load_task(spec.task, spec.preset)
     backbone, tokenizer = models.load_backbone(spec.backbone, task.task_type, num_labels=task.num_labels or 2)
+    if spec.hp.backbone_dropout is not None:
+        models.set_dropout(backbone, spec.hp.backbone_dropout)
     layout = models.matrix_layout(backbone, spec.backbone)
     names = task.train.features["label"].names if task.num_labels else None
     if names:  # a saved model then maps its outputs back to your labels

@@ -198,6 +198,15 @@ def bnb_4bit_config():
                               bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=NOT_QUANTIZED)
 
 
+def set_dropout(model: nn.Module, p: float) -> int:
+    """Set every dropout layer of `model` (the pretrained network and its head) to probability `p`;
+    returns how many were set. Before LoRA wraps the model, so LoRA's own dropout is not among them."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    for layer in layers:
+        layer.p = p
+    return len(layers)
+
+
 def disable_bnb_cpu_repacking(model: nn.Module) -> int:
     """Stop bitsandbytes from repacking `Linear4bit` weights for AVX-512 BF16 CPU inference and return
     how many layers were changed. The repacked layout has no autograd kernel, so after one eval-mode

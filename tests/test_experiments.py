@@ -98,6 +98,23 @@ def test_the_learning_rate_schedule_splits_runs():
     assert constant.key() != spec("qlora").key()
 
 
+def test_backbone_dropout_off_splits_runs_and_silences_every_dropout_layer():
+    off = spec("qlora", hp=HyperParams(epochs=1, configs_per_step=8, backbone_dropout=0.0)).resolved()
+    assert off.key() != spec("qlora").key()
+    for run, p in ((spec("qlora").resolved(), 0.1), (off, 0.0)):  # MiniLM-L6's checkpoint sets 0.1
+        model = experiments._setup(run)[2]
+        probabilities = {m.p for name, m in model.named_modules()
+                         if isinstance(m, torch.nn.Dropout) and "lora_" not in name}
+        assert probabilities == {p}
+    batch = next(iter(experiments._setup(off)[4]))
+    model = lora.set_configuration(experiments._setup(off)[2], None).train()
+    with torch.no_grad():
+        first, second = (model(**batch).logits for _ in range(2))
+    torch.testing.assert_close(first, second)  # nothing random left in a training-mode forward
+    with pytest.raises(ValueError, match="backbone_dropout must be None .* or in \\[0, 1\\), got 1.5"):
+        HyperParams(backbone_dropout=1.5)
+
+
 def test_interrupted_run_leaves_nothing_and_reruns(runs_in_tmp, monkeypatch):
     real = experiments.train
 

@@ -111,25 +111,44 @@ SCALING_BUDGETS = (2.5, 4.0)
 
 
 def scaling_specs(preset: str, task: str, backbones: Iterable[str], n_trains: Iterable[int], seed: int = 0,
-                  methods: Iterable[str] = SCALING_METHODS) -> list[RunSpec]:
+                  methods: Iterable[str] = SCALING_METHODS, backbone_dropout: float | None = None) -> list[RunSpec]:
     """The scaling study's runs: every method on each backbone with each number of training sentences
-    (the preset's epochs and batch size, so more sentences are more steps), one seed, SCALING_BUDGETS."""
+    (the preset's epochs and batch size, so more sentences are more steps), one seed, SCALING_BUDGETS;
+    `backbone_dropout` as in HyperParams (None: the checkpoint's)."""
     base = get_preset(preset).size(task_type(task))
+    hp = None if backbone_dropout is None else HyperParams(epochs=base.epochs, precision=get_preset(preset).precision,
+                                                             backbone_dropout=backbone_dropout)
     return [RunSpec(preset=preset, task=task, method=m, seed=seed, backbone=b, size=replace(base, n_train=int(n)),
-                    eval_budgets=SCALING_BUDGETS)
+                    eval_budgets=SCALING_BUDGETS, hp=hp)
             for b in backbones for n in n_trains for m in methods]
 
 
+def target_accuracy(specs: Sequence[RunSpec]) -> pd.DataFrame:
+    """One row per run and evaluation budget (the full-precision reference: budget None): backbone,
+    training sentences, backbone dropout (None: the checkpoint's), method, seed, budget, accuracy (%)."""
+    out = []
+    for spec in specs:
+        resolved = spec.resolved()
+        rows = run_experiment(spec)
+        for _, row in rows[rows["configuration_set"].isin(["target", "reference"])].iterrows():
+            out.append({"backbone": resolved.backbone, "n_train": resolved.size.n_train,
+                        "backbone_dropout": resolved.hp.backbone_dropout, "method": spec.method, "seed": spec.seed,
+                        "budget": None if pd.isna(row["budget"]) else float(row["budget"]),
+                        "accuracy": 100 * float(row["value"])})
+    return pd.DataFrame(out)
+
+
 def scaling_gaps(specs: Sequence[RunSpec]) -> pd.DataFrame:
-    """Per (backbone, training steps) of `scaling_specs`: each gap of SCALING_GAPS in points with its
-    95 % paired bootstrap interval over dev examples (one seed)."""
+    """Per (backbone, training steps, backbone dropout) of `scaling_specs`: each gap of SCALING_GAPS in
+    points with its 95 % paired bootstrap interval (over dev examples, and over seeds where there are several)."""
     from coalora import stats
 
     out = []
     groups = {}
     for spec in specs:
-        groups.setdefault((spec.resolved().backbone, spec.resolved().size), []).append(spec)
-    for (backbone, size), group in groups.items():
+        resolved = spec.resolved()
+        groups.setdefault((resolved.backbone, resolved.size, resolved.hp.backbone_dropout), []).append(spec)
+    for (backbone, size, dropout), group in groups.items():
         steps = size.epochs * -(-size.n_train // size.batch_size)
         targets, budgets = per_example([s for s in group if s.method != "fp-lora"])
         ceiling = _full_precision([s for s in group if s.method == "fp-lora"])
@@ -137,9 +156,115 @@ def scaling_gaps(specs: Sequence[RunSpec]) -> pd.DataFrame:
         for name, (method, reference, over) in SCALING_GAPS.items():
             gaps = stats.paired_difference(arrays[method], arrays[reference])
             estimate, lo, hi = gaps[0 if over == "lowest" else "mean"]
-            out.append({"backbone": backbone, "n_train": size.n_train, "steps": steps, "gap": name,
+            out.append({"backbone": backbone, "n_train": size.n_train, "steps": steps, "backbone_dropout": dropout,
+                        "gap": name,
                         "estimate": 100 * estimate, "ci_low": 100 * lo, "ci_high": 100 * hi})
     return pd.DataFrame(out)
+
+
+# Sentences the probe is fitted on: the default preset's scoring slice is 512, and a linear probe on a
+# 384-768-wide feature needs about that many to score above chance on full precision.
+PROBE_SENTENCES = 512
+
+
+def feature_probe(backbone: str, budgets: Iterable[float | None], preset: str = "default", task: str = "sst2",
+                  n_sentences: int = PROBE_SENTENCES, seed: int = 0) -> pd.DataFrame:
+    """What the quantized backbone alone (no adapter, no training) leaves a classifier, at each ILP budget
+    (None: full precision), on the sentence features the head reads (the mask-weighted mean of the last
+    hidden states):
+
+    - probe: dev accuracy of a logistic-regression probe fitted to `n_sentences` training sentences
+      (standardised features, L2 penalty 1/2): whether the label is still linearly readable;
+    - cosine: mean pairwise cosine between dev sentences' features (1: every sentence looks alike);
+    - error: ||f - f_fp|| / ||f_fp|| over the dev set, against full precision;
+    - dropout_noise: ||f_train - f|| / ||f - mean f||: how far one training-mode forward (the
+      checkpoint's dropout on) moves the features, against their spread between sentences;
+    - two_bit_share: the share of weight matrices the ILP puts at 2 bits.
+    """
+    import copy
+
+    import torch
+
+    from coalora import models
+    from coalora.data import load_task
+    from coalora.lora import quantize_weights_
+    from coalora.repro import seed_everything
+
+    budgets = list(budgets)
+    spec = RunSpec(preset=preset, task=task, method="qlora", seed=seed, backbone=backbone,
+                   eval_budgets=tuple(b for b in budgets if b is not None) or None).resolved()
+    if task_type(task) != "classification":
+        raise ValueError(f"the feature probe reads a classifier's features; task {task!r} is a "
+                         f"{task_type(task)} task")
+    seed_everything(seed)
+    data = load_task(task, preset)
+    base, tokenizer = models.load_backbone(spec.backbone, "classification", num_labels=data.num_labels)
+    train = experiments._batches(data, tokenizer, spec, "train", shuffle=False)
+    dev = experiments._batches(data, tokenizer, spec, "dev", shuffle=False)
+
+    def features(model, batches, limit=None, training=False):  # -> [N, H] features, [N] labels
+        model.train(training)
+        out, labels = [], []
+        with torch.no_grad():
+            for batch in batches:
+                batch = dict(batch)
+                labels.append(batch.pop("labels"))
+                hidden = model(**batch, output_hidden_states=True).hidden_states[-1]  # [B, T, H]
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                out.append((hidden * mask).sum(1) / mask.sum(1))
+                if limit is not None and sum(len(x) for x in out) >= limit:
+                    break
+        model.eval()
+        return torch.cat(out)[:limit].float(), torch.cat(labels)[:limit]
+
+    reference = features(base, dev)[0]
+    rows = []
+    for budget in budgets:
+        model, share = base, 0.0
+        avg_bits = 8 * next(base.parameters()).element_size()  # full precision: the weights' own bits
+        if budget is not None:
+            configuration = experiments._allocate(spec, budget)
+            model = quantize_weights_(copy.deepcopy(base), configuration)
+            avg_bits = configuration.avg_bits
+            share = float(np.mean([lq.bits == 2 for _, lq in configuration]))
+        fit_x, fit_y = features(model, train, n_sentences)
+        dev_x, dev_y = features(model, dev)
+        torch.manual_seed(seed)  # the dropout masks
+        noisy = features(model, dev, training=True)[0]
+        normalized = torch.nn.functional.normalize(dev_x, dim=1)
+        n = len(dev_x)
+        rows.append({
+            "backbone": spec.backbone, "budget": budget, "avg_bits": avg_bits, "two_bit_share": share,
+            "probe": _probe_accuracy(fit_x, fit_y, dev_x, dev_y),
+            "cosine": float(((normalized @ normalized.T).sum() - n) / (n * (n - 1))),
+            "error": float((dev_x - reference).norm() / reference.norm()),
+            "dropout_noise": float((noisy - dev_x).norm() / (dev_x - dev_x.mean(0)).norm()),
+        })
+    return pd.DataFrame(rows)
+
+
+def _probe_accuracy(fit_x, fit_y, test_x, test_y) -> float:
+    """Accuracy on (test_x, test_y) of multinomial logistic regression fitted by L-BFGS to standardised
+    (fit_x [N, H], fit_y [N]) with an L2 penalty of 1/2 ||W||^2 on the summed loss."""
+    import torch
+
+    mean, std = fit_x.mean(0), fit_x.std(0) + 1e-6
+    x, t = (fit_x - mean) / std, (test_x - mean) / std
+    classes = int(max(fit_y.max(), test_y.max())) + 1
+    weight = torch.zeros(x.shape[1], classes, requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (torch.nn.functional.cross_entropy(x @ weight + bias, fit_y, reduction="sum")
+                + 0.5 * weight.square().sum())
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return float(((t @ weight + bias).argmax(1) == test_y).float().mean())
 
 
 def _full_precision(specs: Sequence[RunSpec]) -> np.ndarray:

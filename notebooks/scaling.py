@@ -21,12 +21,13 @@
 # 6-bit configuration on SST-2, so the configuration matters there.*
 #
 # The default preset trains a 22M-parameter stand-in for a few hundred steps. Before reading any difference
-# between methods, this study measures, on seed 0, how the gaps that matter move with training steps and
-# backbone size: what quantization costs (the same LoRA at full precision minus QLoRA at the lowest budget and
-# on average), what one shared adapter costs against CoA-LoRA, and what theta adds (CoA-LoRA minus its
-# theta-free twin), at the lowest and the highest NF budget (2.5 and 4 bits). More training sentences at the
-# preset's two epochs are more steps. Run with `make scaling` (not part of `make reproduce`: it takes about an
-# hour on 2 CPU cores).
+# between methods, this study measures how the gaps that matter move with training steps (MiniLM-L6, seed 0)
+# and backbone size (MPNet-base, 110M, three seeds): what quantization costs (the same LoRA at full precision
+# minus QLoRA at the lowest budget and on average), what one shared adapter costs against CoA-LoRA, and what
+# theta adds (CoA-LoRA minus its theta-free twin), at the lowest and the highest NF budget (2.5 and 4 bits).
+# More training sentences at the preset's two epochs are more steps. It then repeats MPNet-base's runs with
+# the backbone's dropout off, and probes what the quantized backbone alone still gives a classifier. Run with
+# `make scaling` (not part of `make reproduce`: it takes about two hours on 2 CPU cores).
 
 # %% tags=["parameters"]
 preset = "default"   # smoke | default | large | paper
@@ -35,44 +36,85 @@ seed = 0
 backbones = ["minilm-l6", "mpnet-base"]
 n_trains = [2048, 4096, 8192]      # training sentences; at 2 epochs of 32: 128, 256, 512 steps
 mpnet_n_trains = [2048]            # MPNet-base is about 5x slower per step
+mpnet_seeds = [0, 1, 2]
+dropout_off_backbones = ["mpnet-base"]  # rerun at their first size and `seed` with backbone_dropout=0
+probe_budgets = [None, 4.0, 3.0, 2.5]   # None: full precision
+probe_sentences = 512
 recompute = False
 output_root = None   # None: the project root (figures/ and results/)
 
 # %%
 import matplotlib.pyplot as plt
+import pandas as pd
 
 from coalora import plots, studies
 
 plots.use_style()
-specs = [spec for backbone in backbones
-         for spec in studies.scaling_specs(preset, task, [backbone],
-                                           n_trains if backbone == backbones[0] else mpnet_n_trains, seed)]
+sizes = {backbone: n_trains if backbone == backbones[0] else mpnet_n_trains for backbone in backbones}
+seeds = {backbone: [seed] if backbone == backbones[0] else mpnet_seeds for backbone in backbones}
+specs = [spec for backbone in backbones for s in seeds[backbone]
+         for spec in studies.scaling_specs(preset, task, [backbone], sizes[backbone], s)]
 rows = studies.collect(specs, recompute)
 gaps = studies.scaling_gaps(specs)
 figures, results = studies.output_dirs(preset, output_root)
 parameters = dict(preset=preset, task=task, seed=seed, backbones=backbones, n_trains=n_trains,
-                  mpnet_n_trains=mpnet_n_trains)
+                  mpnet_n_trains=mpnet_n_trains, mpnet_seeds=mpnet_seeds)
 studies.write_results(gaps, results / "scaling_gaps.csv", parameters, specs)
 gaps.round(2)
 
 # %%
-fig, axes = plt.subplots(1, len(backbones), figsize=(5 * len(backbones), 3.4), sharey=True, squeeze=False,
+shown = [backbone for backbone in backbones if sizes[backbone]]
+fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 3.4), sharey=True, squeeze=False,
                          layout="constrained")
-for ax, backbone in zip(axes[0], backbones):
+for ax, backbone in zip(axes[0], shown):
     plots.plot_scaling(ax, gaps[gaps["backbone"] == backbone])
-    ax.set_title(rows.loc[rows["backbone"] == backbone, "backbone_label"].iloc[0].split(" (")[0], fontsize=8)
+    label = rows.loc[rows["backbone"] == backbone, "backbone_label"].iloc[0].split(" (")[0]
+    ax.set_title(f"{label}, seeds {', '.join(map(str, seeds[backbone]))}", fontsize=8)
 axes[0][0].legend(fontsize=7)
-fig.suptitle(plots.caption(f"Scaling study ({preset} preset, seed {seed})", rows, 130), fontsize=8)
+fig.suptitle(plots.caption(f"Scaling study ({preset} preset)", rows, 130), fontsize=8)
 plots.save_figure(fig, figures, "scaling")
 
 # %%
-ceiling = {(s.backbone, s.size.n_train): round(100 * float(studies.collect([s])["value"].iloc[0]), 2)
-           for s in specs if s.method == "fp-lora"}
-print("the full-precision ceiling (%), by backbone and training sentences:", ceiling)
-print(gaps.pivot_table(index=["backbone", "steps"], columns="gap", values="estimate").round(2).to_string())
+accuracy = studies.target_accuracy(specs)
+print("accuracy (%), mean over seeds:")
+print(accuracy.fillna({"budget": "full precision"})
+      .pivot_table(index=["backbone", "n_train", "method"], columns="budget", values="accuracy").round(1).to_string())
 
 # %% [markdown]
-# **Reading.** Each point is one seed's difference with its 95 % interval over dev examples. Where quantization
-# costs the full-precision LoRA no more than a point or two, no adapter can recover more than that, and a
-# comparison between methods at that scale can only come out inconclusive; the default preset's scale is chosen
-# where the gaps are measurable within the time budget of `make reproduce`.
+# **With the backbone's dropout off.** The same runs at the first size of each backbone in
+# `dropout_off_backbones`, seed `seed`, with every dropout layer of the pretrained model at 0
+# (`HyperParams.backbone_dropout`), beside the runs with the checkpoint's dropout.
+
+# %%
+off = [spec for backbone in dropout_off_backbones
+       for spec in studies.scaling_specs(preset, task, [backbone], sizes.get(backbone, n_trains)[:1], seed,
+                                         backbone_dropout=0.0)]
+studies.collect(off, recompute)
+on = [spec for spec in specs if spec.backbone in dropout_off_backbones and spec.seed == seed
+      and spec.size.n_train == sizes.get(spec.backbone, n_trains)[0]]
+dropout = studies.target_accuracy(on + off).fillna({"backbone_dropout": "checkpoint", "budget": "full precision"})
+studies.write_results(dropout, results / "scaling_dropout.csv", dict(parameters, dropout_off_backbones=dropout_off_backbones),
+                      on + off)
+print(dropout.pivot_table(index=["backbone", "method"], columns=["backbone_dropout", "budget"],
+                          values="accuracy").round(1).to_string())
+
+# %% [markdown]
+# **What the quantized backbone alone leaves a classifier** (no adapter, no training; `studies.feature_probe`):
+# a logistic-regression probe's dev accuracy on the sentence features, how alike the sentences' features
+# are (mean pairwise cosine), their error against full precision, and how far one training-mode forward
+# (the checkpoint's dropout) moves them, against their spread between sentences.
+
+# %%
+probe = pd.concat([studies.feature_probe(backbone, probe_budgets, preset, task, probe_sentences, seed)
+                   for backbone in backbones], ignore_index=True).fillna({"budget": "full precision"})
+studies.write_results(probe, results / "scaling_probe.csv",
+                      dict(parameters, probe_budgets=probe_budgets, probe_sentences=probe_sentences), [])
+probe.round(3)
+
+# %% [markdown]
+# **Reading.** Each point of the figure is a difference with its 95 % interval over dev examples (and over
+# seeds for MPNet-base). Where quantization costs the full-precision LoRA no more than a point or two, no
+# adapter can recover more than that, and a comparison between methods at that scale can only come out
+# inconclusive; the default preset's scale is chosen where the gaps are measurable within the time budget
+# of `make reproduce`. Where every method sits at chance at one budget, the probe says whether the
+# quantized features still hold the label, and the dropout table whether training can reach it.

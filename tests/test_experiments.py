@@ -115,6 +115,16 @@ def test_backbone_dropout_off_splits_runs_and_silences_every_dropout_layer():
         HyperParams(backbone_dropout=1.5)
 
 
+def test_feature_probe_measures_the_quantized_backbone_against_full_precision():
+    from coalora import studies
+
+    probe = studies.feature_probe("minilm-l6", [None, 2.5], preset="smoke", n_sentences=32)
+    full, low = probe.iloc[0], probe.iloc[1]
+    assert full["error"] == 0 and full["two_bit_share"] == 0 and full["avg_bits"] == 32
+    assert low["error"] > 0.1 and low["two_bit_share"] > 0.5 and abs(low["avg_bits"] - 2.5) < 0.1
+    assert ((probe["dropout_noise"] > 0) & probe["probe"].between(0, 1) & probe["cosine"].between(-1, 1)).all()
+
+
 def test_interrupted_run_leaves_nothing_and_reruns(runs_in_tmp, monkeypatch):
     real = experiments.train
 

@@ -430,3 +430,14 @@ def test_runs_command_names_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         studies.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_the_probe_reads_a_linear_label_and_not_a_random_one():
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 16, generator=generator) * torch.linspace(0.1, 10, 16)  # unequal scales: standardised
+    readable = (x[:, 0] > 0).long()
+    random = torch.randint(0, 2, (400,), generator=generator)
+    assert studies._probe_accuracy(x[:200], readable[:200], x[200:], readable[200:]) > 0.9
+    assert studies._probe_accuracy(x[:200], random[:200], x[200:], random[200:]) < 0.65

@@ -20,7 +20,7 @@ import json
 import logging
 import multiprocessing
 import os
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -497,7 +497,7 @@ def run_many(specs, workers: int = 1, recompute: bool = False, report=None) -> i
     try:
         pending = {pool.submit(_run_job, job, recompute, threads) for job in jobs}
         while pending:
-            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)  # a failure ends it too: result() raises
             for future in finished:
                 for spec in future.result():  # a failed run raises here
                     done += 1

@@ -381,6 +381,7 @@ def test_run_many_computes_what_is_missing_side_by_side_and_nothing_twice(monkey
         reports = []
         assert experiments.run_many(specs, workers=2, report=reports.append) == 2
         assert "2 runs to compute" in reports[0] and "1 threads each" in reports[0]
+        assert sorted(line.split("]")[0] for line in reports[1:]) == ["[1/2", "[2/2"]  # one line per finished run
         for folder in folders:
             assert (folder / "rows.csv").exists()
             assert "1 torch threads" in json.loads((folder / "provenance.json").read_text())["device"]

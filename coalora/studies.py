@@ -116,16 +116,17 @@ def scaling_specs(preset: str, task: str, backbones: Iterable[str], n_trains: It
     (the preset's epochs and batch size, so more sentences are more steps), one seed, SCALING_BUDGETS;
     `backbone_dropout` as in HyperParams (None: the checkpoint's)."""
     base = get_preset(preset).size(task_type(task))
-    hp = None if backbone_dropout is None else HyperParams(epochs=base.epochs, precision=get_preset(preset).precision,
-                                                             backbone_dropout=backbone_dropout)
-    return [RunSpec(preset=preset, task=task, method=m, seed=seed, backbone=b, size=replace(base, n_train=int(n)),
-                    eval_budgets=SCALING_BUDGETS, hp=hp)
-            for b in backbones for n in n_trains for m in methods]
+    specs = [RunSpec(preset=preset, task=task, method=m, seed=seed, backbone=b, size=replace(base, n_train=int(n)),
+                     eval_budgets=SCALING_BUDGETS)
+             for b in backbones for n in n_trains for m in methods]
+    if backbone_dropout is None:
+        return specs
+    return [replace(s, hp=replace(s.resolved().hp, backbone_dropout=backbone_dropout)) for s in specs]
 
 
 def target_accuracy(specs: Sequence[RunSpec]) -> pd.DataFrame:
-    """One row per run and evaluation budget (the full-precision reference: budget None): backbone,
-    training sentences, backbone dropout (None: the checkpoint's), method, seed, budget, accuracy (%)."""
+    """One row per run and evaluation budget (the full-precision reference: budget NaN): backbone,
+    training sentences, backbone dropout (NaN: the checkpoint's), method, seed, budget, accuracy (%)."""
     out = []
     for spec in specs:
         resolved = spec.resolved()
@@ -140,7 +141,8 @@ def target_accuracy(specs: Sequence[RunSpec]) -> pd.DataFrame:
 
 def scaling_gaps(specs: Sequence[RunSpec]) -> pd.DataFrame:
     """Per (backbone, training steps, backbone dropout) of `scaling_specs`: each gap of SCALING_GAPS in
-    points with its 95 % paired bootstrap interval (over dev examples, and over seeds where there are several)."""
+    points with its 95 % paired interval (`stats.paired_difference`: dev examples, and seeds where there are
+    several)."""
     from coalora import stats
 
     out = []
@@ -162,16 +164,16 @@ def scaling_gaps(specs: Sequence[RunSpec]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-# Sentences the probe is fitted on: the default preset's scoring slice is 512, and a linear probe on a
-# 384-768-wide feature needs about that many to score above chance on full precision.
+# Sentences the probe is fitted on: as many as the 384-768 features it weighs, so a linear probe neither
+# memorises a handful nor costs the backbone's forward over the whole training split.
 PROBE_SENTENCES = 512
 
 
 def feature_probe(backbone: str, budgets: Iterable[float | None], preset: str = "default", task: str = "sst2",
                   n_sentences: int = PROBE_SENTENCES, seed: int = 0) -> pd.DataFrame:
     """What the quantized backbone alone (no adapter, no training) leaves a classifier, at each ILP budget
-    (None: full precision), on the sentence features the head reads (the mask-weighted mean of the last
-    hidden states):
+    (None: full precision), on the features the classification head reads (the first token's last hidden
+    state; BERT's pooler and MPNet's dense layer start from it):
 
     - probe: dev accuracy of a logistic-regression probe fitted to `n_sentences` training sentences
       (standardised features, L2 penalty 1/2): whether the label is still linearly readable;
@@ -194,8 +196,10 @@ def feature_probe(backbone: str, budgets: Iterable[float | None], preset: str = 
     spec = RunSpec(preset=preset, task=task, method="qlora", seed=seed, backbone=backbone,
                    eval_budgets=tuple(b for b in budgets if b is not None) or None).resolved()
     if task_type(task) != "classification":
-        raise ValueError(f"the feature probe reads a classifier's features; task {task!r} is a "
-                         f"{task_type(task)} task")
+        from coalora.data import TASKS
+
+        raise ValueError(f"the feature probe reads a classifier's features; task {task!r} is a {task_type(task)} "
+                         f"task; classification tasks: {', '.join(t for t in TASKS if task_type(t) == 'classification')}")
     seed_everything(seed)
     data = load_task(task, preset)
     base, tokenizer = models.load_backbone(spec.backbone, "classification", num_labels=data.num_labels)
@@ -209,9 +213,7 @@ def feature_probe(backbone: str, budgets: Iterable[float | None], preset: str = 
             for batch in batches:
                 batch = dict(batch)
                 labels.append(batch.pop("labels"))
-                hidden = model(**batch, output_hidden_states=True).hidden_states[-1]  # [B, T, H]
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                out.append((hidden * mask).sum(1) / mask.sum(1))
+                out.append(model(**batch, output_hidden_states=True).hidden_states[-1][:, 0])  # [B, H]
                 if limit is not None and sum(len(x) for x in out) >= limit:
                     break
         model.eval()

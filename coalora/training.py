@@ -67,8 +67,8 @@ class HyperParams:
     alpha: int = 16
     dropout: float = 0.0  # LoRA's own dropout, on the adapter's input
     # The pretrained model's dropout layers (None: as its checkpoint sets them, 0.1 in BERT and MPNet, as the
-    # paper's fine-tuning keeps them). A 2.5-bit MPNet-base trains only with them off: in training mode
-    # their noise, amplified by the broken network, drowns the gradient (docs/measurements.md#the-scaling-study).
+    # paper's fine-tuning keeps them). 0 is the option for a backbone whose quantized features drown in that
+    # noise during training (MPNet-base at 2.5 bits: docs/measurements.md#the-scaling-study).
     backbone_dropout: float | None = None
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -94,6 +94,8 @@ class HyperParams:
         if self.backbone_dropout is not None and not 0 <= self.backbone_dropout < 1:
             raise ValueError(f"backbone_dropout must be None (the checkpoint's) or in [0, 1), "
                              f"got {self.backbone_dropout}")
+        if self.backbone_dropout is not None:  # 0 and 0.0 are one run: one cache key
+            object.__setattr__(self, "backbone_dropout", float(self.backbone_dropout))
         for name in ("lr", "theta_lr"):
             value = getattr(self, name)
             if value is not None and not value > 0:

@@ -77,7 +77,7 @@ plots.save_figure(fig, figures, "scaling")
 # %%
 accuracy = studies.target_accuracy(specs)
 print("accuracy (%), mean over seeds:")
-print(accuracy.fillna({"budget": "full precision"})
+print(accuracy.astype({"budget": object}).fillna({"budget": "full precision"})
       .pivot_table(index=["backbone", "n_train", "method"], columns="budget", values="accuracy").round(1).to_string())
 
 # %% [markdown]
@@ -86,13 +86,14 @@ print(accuracy.fillna({"budget": "full precision"})
 # (`HyperParams.backbone_dropout`), beside the runs with the checkpoint's dropout.
 
 # %%
-off = [spec for backbone in dropout_off_backbones
-       for spec in studies.scaling_specs(preset, task, [backbone], sizes.get(backbone, n_trains)[:1], seed,
-                                         backbone_dropout=0.0)]
-studies.collect(off, recompute)
-on = [spec for spec in specs if spec.backbone in dropout_off_backbones and spec.seed == seed
-      and spec.size.n_train == sizes.get(spec.backbone, n_trains)[0]]
-dropout = studies.target_accuracy(on + off).fillna({"backbone_dropout": "checkpoint", "budget": "full precision"})
+arms = {dropout: [spec for backbone in dropout_off_backbones
+                  for spec in studies.scaling_specs(preset, task, [backbone], sizes.get(backbone, n_trains)[:1], seed,
+                                                    backbone_dropout=dropout)]
+        for dropout in (None, 0.0)}
+on, off = arms[None], arms[0.0]
+studies.collect(on + off, recompute)
+dropout = (studies.target_accuracy(on + off).astype({"backbone_dropout": object, "budget": object})
+           .fillna({"backbone_dropout": "checkpoint", "budget": "full precision"}))
 studies.write_results(dropout, results / "scaling_dropout.csv", dict(parameters, dropout_off_backbones=dropout_off_backbones),
                       on + off)
 print(dropout.pivot_table(index=["backbone", "method"], columns=["backbone_dropout", "budget"],
@@ -106,7 +107,8 @@ print(dropout.pivot_table(index=["backbone", "method"], columns=["backbone_dropo
 
 # %%
 probe = pd.concat([studies.feature_probe(backbone, probe_budgets, preset, task, probe_sentences, seed)
-                   for backbone in backbones], ignore_index=True).fillna({"budget": "full precision"})
+                   for backbone in backbones], ignore_index=True)
+probe = probe.astype({"budget": object}).fillna({"budget": "full precision"})
 studies.write_results(probe, results / "scaling_probe.csv",
                       dict(parameters, probe_budgets=probe_budgets, probe_sentences=probe_sentences), [])
 probe.round(3)

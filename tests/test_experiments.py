@@ -122,7 +122,8 @@ def test_feature_probe_measures_the_quantized_backbone_against_full_precision():
     full, low = probe.iloc[0], probe.iloc[1]
     assert full["error"] == 0 and full["two_bit_share"] == 0 and full["avg_bits"] == 32
     assert low["error"] > 0.1 and low["two_bit_share"] > 0.5 and abs(low["avg_bits"] - 2.5) < 0.1
-    assert ((probe["dropout_noise"] > 0) & probe["probe"].between(0, 1) & probe["cosine"].between(-1, 1)).all()
+    assert low["cosine"] > full["cosine"]  # 2-bit matrices make the sentences' features alike
+    assert (probe["dropout_noise"] > 0).all()  # the checkpoint's dropout moves a training-mode forward
 
 
 def test_interrupted_run_leaves_nothing_and_reruns(runs_in_tmp, monkeypatch):

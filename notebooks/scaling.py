@@ -38,6 +38,7 @@ n_trains = [2048, 4096, 8192]      # training sentences; at 2 epochs of 32: 128,
 mpnet_n_trains = [2048]            # MPNet-base is about 5x slower per step
 mpnet_seeds = [0, 1, 2]
 dropout_off_backbones = ["mpnet-base"]  # rerun at their first size and `seed` with backbone_dropout=0
+dropout_off_methods = ["fp-lora", "qlora", "shared"]  # the ceiling and one adapter per / for all configurations
 probe_budgets = [None, 4.0, 3.0, 2.5]   # None: full precision
 probe_sentences = 512
 recompute = False
@@ -81,21 +82,22 @@ print(accuracy.astype({"budget": object}).fillna({"budget": "full precision"})
       .pivot_table(index=["backbone", "n_train", "method"], columns="budget", values="accuracy").round(1).to_string())
 
 # %% [markdown]
-# **With the backbone's dropout off.** The same runs at the first size of each backbone in
-# `dropout_off_backbones`, seed `seed`, with every dropout layer of the pretrained model at 0
-# (`HyperParams.backbone_dropout`), beside the runs with the checkpoint's dropout.
+# **With the backbone's dropout off.** The runs of `dropout_off_methods` at the first size of each backbone
+# in `dropout_off_backbones`, seed `seed`, with every dropout layer of the pretrained model at 0
+# (`HyperParams.backbone_dropout`), beside the same runs with the checkpoint's dropout.
 
 # %%
 arms = {dropout: [spec for backbone in dropout_off_backbones
                   for spec in studies.scaling_specs(preset, task, [backbone], sizes.get(backbone, n_trains)[:1], seed,
-                                                    backbone_dropout=dropout)]
+                                                    dropout_off_methods, backbone_dropout=dropout)]
         for dropout in (None, 0.0)}
 on, off = arms[None], arms[0.0]
 studies.collect(on + off, recompute)
 dropout = (studies.target_accuracy(on + off).astype({"backbone_dropout": object, "budget": object})
            .fillna({"backbone_dropout": "checkpoint", "budget": "full precision"}))
-studies.write_results(dropout, results / "scaling_dropout.csv", dict(parameters, dropout_off_backbones=dropout_off_backbones),
-                      on + off)
+studies.write_results(dropout, results / "scaling_dropout.csv",
+                      dict(parameters, dropout_off_backbones=dropout_off_backbones,
+                           dropout_off_methods=dropout_off_methods), on + off)
 print(dropout.pivot_table(index=["backbone", "method"], columns=["backbone_dropout", "budget"],
                           values="accuracy").round(1).to_string())
 

@@ -53,8 +53,8 @@ reproduce: assets
 # down many times over). `make bench QUICK=1` runs each in its quick mode, as the test suite does.
 BENCHMARKS := $(sort $(wildcard bench/*.py))
 
-# The scaling study behind the default preset's scale (notebooks/scaling, about 1 h on 2 CPU cores;
-# MPNet-base is a large asset): writes figures/scaling.* and results/scaling_gaps.csv.
+# The scaling study behind the default preset's scale (notebooks/scaling, about 2.5 h on 2 CPU cores, its
+# runs one at a time; MPNet-base is a large asset): writes figures/scaling.* and results/scaling_*.csv.
 scaling: assets
 	$(PY) -m coalora.assets fetch --large
 	@mkdir -p out/notebooks/$(PRESET)

@@ -188,18 +188,16 @@ def feature_probe(backbone: str, budgets: Iterable[float | None], preset: str = 
     import torch
 
     from coalora import models
-    from coalora.data import load_task
+    from coalora.data import TASKS, load_task
     from coalora.lora import quantize_weights_
     from coalora.repro import seed_everything
 
+    if task_type(task) != "classification":
+        raise ValueError(f"the feature probe reads a classifier's features; task {task!r} is a {task_type(task)} "
+                         f"task; classification tasks: {', '.join(t for t in TASKS if task_type(t) == 'classification')}")
     budgets = list(budgets)
     spec = RunSpec(preset=preset, task=task, method="qlora", seed=seed, backbone=backbone,
                    eval_budgets=tuple(b for b in budgets if b is not None) or None).resolved()
-    if task_type(task) != "classification":
-        from coalora.data import TASKS
-
-        raise ValueError(f"the feature probe reads a classifier's features; task {task!r} is a {task_type(task)} "
-                         f"task; classification tasks: {', '.join(t for t in TASKS if task_type(t) == 'classification')}")
     seed_everything(seed)
     data = load_task(task, preset)
     base, tokenizer = models.load_backbone(spec.backbone, "classification", num_labels=data.num_labels)

@@ -217,7 +217,7 @@ def feature_probe(backbone: str, budgets: Iterable[float | None], preset: str = 
         model.eval()
         return torch.cat(out)[:limit].float(), torch.cat(labels)[:limit]
 
-    reference = features(base, dev)[0]
+    reference, reference_y = features(base, dev)  # full precision: what every budget's error is against
     rows = []
     for budget in budgets:
         model, share = base, 0.0
@@ -228,7 +228,7 @@ def feature_probe(backbone: str, budgets: Iterable[float | None], preset: str = 
             avg_bits = configuration.avg_bits
             share = float(np.mean([lq.bits == 2 for _, lq in configuration]))
         fit_x, fit_y = features(model, train, n_sentences)
-        dev_x, dev_y = features(model, dev)
+        dev_x, dev_y = (reference, reference_y) if budget is None else features(model, dev)
         torch.manual_seed(seed)  # the dropout masks
         noisy = features(model, dev, training=True)[0]
         normalized = torch.nn.functional.normalize(dev_x, dim=1)

@@ -3,7 +3,8 @@
 On the default preset's model and batch shape (MiniLM-L6, r = 8, 32 RT sentences padded to the batch's
 longest), times a QLoRA step (one configuration) and a CoA-LoRA step (K = 2 configurations, gradients
 summed) in fp32 and under `torch.autocast(dtype=torch.bfloat16)`, after warm-up with the quantized weights
-cached. The floor of a step is its FLOPs (counted by `torch.utils.flop_counter` over forward and backward)
+cached, and in bf16 with the frozen base weights held in bf16 as training holds them (`--no-held`: in fp32,
+cast again at every forward). The floor of a step is its FLOPs (counted by `torch.utils.flop_counter` over forward and backward)
 divided by the measured throughput of a large matmul in the same precision; the ratio says how far the step
 is from what the arithmetic alone would take. Results: docs/measurements.md#training-step.
 
@@ -23,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from coalora import QuantSpace, allocate, build_lora_model, load_backbone, load_task, set_configuration
 from coalora.lora import trainable_parameters
 from coalora.models import matrix_layout
+from coalora.training import held_weights
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -42,6 +44,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's, one per core); run two `--threads 1` at once to time "
                              "runs side by side")
+    parser.add_argument("--no-held", dest="held", action="store_false",
+                        help="keep the frozen base weights in fp32 under bf16 autocast (cast at every forward)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -74,15 +78,20 @@ def main() -> None:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
 
+        def held(name):
+            """The base weights as training holds them: bf16 for a bf16 step (`training.held_weights`)."""
+            return held_weights(model, name) if args.held else contextlib.nullcontext()
+
         for name, dtype in PRECISIONS.items():
-            step(dtype)  # warm-up: quantized weights cached, kernels chosen
-            with FlopCounterMode(display=False) as counter:
-                step(dtype)
-            seconds = []
-            for _ in range(steps):
-                start = time.perf_counter()
-                step(dtype)
-                seconds.append(time.perf_counter() - start)
+            with held(name):
+                step(dtype)  # warm-up: quantized weights cached, kernels chosen
+                with FlopCounterMode(display=False) as counter:
+                    step(dtype)
+                seconds = []
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    step(dtype)
+                    seconds.append(time.perf_counter() - start)
             median = statistics.median(seconds)
             floor = counter.get_total_flops() / (throughput[name] * 1e9)
             print(f"{method:8s} (K={k}) {name}: {median:.3f} s/step, {counter.get_total_flops() / 1e9:.1f} GFLOP, "

@@ -13,7 +13,8 @@ task head (PEFT SEQ_CLS `modules_to_save`) and theta are trained. The pieces:
   with every layer's `CoALoRAVariant`, PEFT's `LoraVariant` hook, which puts M_i between A and B.
   No forward method is patched.
 * `set_configuration` swaps fake-quantized base weights in, from a `WeightCache` (LRU, bounded in
-  bytes) so that switching back to a recent configuration does no quantization.
+  bytes) so that switching back to a recent configuration does no quantization; `base_weights_in`
+  holds them in bf16 for a block of bf16-autocast forwards.
 * `materialize` folds A' = M_i A for one configuration and returns a stock PEFT LoRA adapter, to be
   loaded with `PeftModel.from_pretrained` on the backbone quantized by `quantize_weights_`.
 
@@ -23,11 +24,12 @@ task head (PEFT SEQ_CLS `modules_to_save`) and theta are trained. The pieces:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,6 +254,32 @@ def set_configuration(model: CoALoRAModel, configuration: Configuration | None) 
               "full precision" if configuration is None else configuration.digest(),
               model.weight_cache.hits, model.weight_cache.misses, model.weight_cache.nbytes / 2**20)
     return model
+
+
+@contextlib.contextmanager
+def base_weights_in(model: CoALoRAModel, dtype: torch.dtype) -> Iterator[CoALoRAModel]:
+    """Hold the frozen base weights in `dtype` inside the block: the current ones converted, and every
+    `set_configuration` there quantizes into `dtype`. For a block of bf16-autocast forwards only.
+
+    Autocast caches the bf16 copy of a weight that trains, but casts a frozen one again at every
+    forward: 22M weights per MiniLM-L6 forward, about a tenth of a bf16 training step
+    (docs/measurements.md#training-step). Held in bf16, the cast is done once per configuration, with
+    the same rounding, so every number stays as it was. On exit the weights of entry come back, or,
+    if a configuration was set inside the block, the current configuration is set again in the
+    entry's dtype (an `override_base_weight` made inside the block does not survive it).
+    """
+    entry = {name: layer.get_base_layer().weight for name, layer in model.lora_layers.items()}
+    held = {name: nn.Parameter(weight.detach().to(dtype), requires_grad=False) for name, weight in entry.items()}
+    for name, layer in model.lora_layers.items():
+        layer.get_base_layer().weight = held[name]
+    try:
+        yield model
+    finally:
+        reset = any(layer.get_base_layer().weight is not held[name] for name, layer in model.lora_layers.items())
+        for name, layer in model.lora_layers.items():
+            layer.get_base_layer().weight = entry[name]
+        if reset and model.is_set:
+            set_configuration(model, model.configuration)
 
 
 def quantize_weights_(model: nn.Module, configuration: Configuration) -> nn.Module:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from coalora import lora
 from coalora.configs import Configuration
 from coalora.presets import check_task_type
-from coalora.training import autocast
+from coalora.training import autocast, held_weights
 
 TASK_METRICS = {"classification": "accuracy", "causal-lm": "perplexity"}
 
@@ -42,24 +42,26 @@ def evaluate(model: torch.nn.Module, configuration: Configuration | None,
     device = next(model.parameters()).device
     loss_sum, weight, per_example = 0.0, 0, []
     name = "full precision" if configuration is None else f"{configuration.avg_bits:.2f} bits"
-    for batch in tqdm(batches, desc=f"eval {name}", leave=False):
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with autocast(device, precision):
-            out = model(**batch)
-        if task_type == "classification":
-            n = batch["labels"].numel()
-            per_example.append((out.logits.argmax(-1) == batch["labels"]).to(torch.float32).cpu())
-            loss_sum += float(out.loss) * n
-        else:
-            mask = batch.get("attention_mask")
-            mask = torch.ones_like(batch["labels"]) if mask is None else mask
-            logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
-            token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # [B, L-1]
-            tokens = mask[:, 1:].to(token.dtype)
-            per_example.append(((token * tokens).sum(1) / tokens.sum(1).clamp_min(1)).cpu())
-            n = int(tokens.sum())
-            loss_sum += float((token * tokens).sum())
-        weight += n
+    with held_weights(model, precision):
+        for batch in tqdm(batches, desc=f"eval {name}", leave=False):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with autocast(device, precision):
+                out = model(**batch)
+            if task_type == "classification":
+                n = batch["labels"].numel()
+                per_example.append((out.logits.argmax(-1) == batch["labels"]).to(torch.float32).cpu())
+                loss_sum += float(out.loss) * n
+            else:
+                mask = batch.get("attention_mask")
+                mask = torch.ones_like(batch["labels"]) if mask is None else mask
+                logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
+                token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels,
+                                                          reduction="none")  # [B, L-1]
+                tokens = mask[:, 1:].to(token.dtype)
+                per_example.append(((token * tokens).sum(1) / tokens.sum(1).clamp_min(1)).cpu())
+                n = int(tokens.sum())
+                loss_sum += float((token * tokens).sum())
+            weight += n
     model.train(was_training)
     if weight == 0:
         raise ValueError("evaluation got no batches")

@@ -112,12 +112,22 @@ def plot_hypervolumes(ax, hv: pd.DataFrame, by: str = "search") -> None:
 
 def plot_scaling(ax, gaps: pd.DataFrame) -> None:
     """The scaling study: each gap (`studies.scaling_gaps`) against training steps, with its 95 %
-    interval as error bars, for one backbone."""
+    interval as error bars, for one backbone; runs with the backbone's dropout off (backbone_dropout 0)
+    hollow and nudged right, so the two arms at one step count stay apart."""
     palette = dict(zip(gaps["gap"].unique(), sns.color_palette("deep", gaps["gap"].nunique())))
-    for name, g in gaps.groupby("gap", sort=False):
-        g = g.sort_values("steps")
-        ax.errorbar(g["steps"], g["estimate"], yerr=[g["estimate"] - g["ci_low"], g["ci_high"] - g["estimate"]],
-                    marker="o", ms=4, capsize=3, color=palette[name], label=name)
+    dropout = gaps.get("backbone_dropout", pd.Series(float("nan"), index=gaps.index))
+    for off in (False, True):
+        arm = gaps[dropout.eq(0) == off]
+        for name, g in arm.groupby("gap", sort=False):
+            g = g.sort_values("steps")
+            ax.errorbar(g["steps"] * (1.12 if off else 1), g["estimate"],
+                        yerr=[g["estimate"] - g["ci_low"], g["ci_high"] - g["estimate"]], marker="o", ms=4,
+                        capsize=3, color=palette[name], mfc="white" if off else palette[name],
+                        ls="--" if off else "-", label=None if off else name)
+    if dropout.eq(0).any():
+        # An empty error bar, so the key joins the gaps' entries (containers) at the end of the legend.
+        ax.errorbar([], [], yerr=[], marker="o", ms=4, mfc="white", color="grey", ls="none",
+                    label="hollow: backbone dropout off")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(gaps["steps"].unique()), [str(s) for s in sorted(gaps["steps"].unique())])

@@ -161,6 +161,14 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def held_weights(model, precision: str):
+    """The frozen base weights held in bf16 for "bf16" (`lora.base_weights_in`: the same numbers, no
+    cast per forward), as they are for "fp32"."""
+    if check_name(precision, PRECISIONS, "precision") == "bf16":
+        return lora.base_weights_in(model, torch.bfloat16)
+    return contextlib.nullcontext(model)
+
+
 def _backward(model, accelerator: Accelerator, parts: list[tuple[float, dict]], precision: str = "fp32") -> float:
     """Accumulate the gradient of a batch's mean loss over its `micro_batches`; returns that loss."""
     total = 0.0
@@ -206,22 +214,23 @@ def _run_epochs(model, accelerator: Accelerator, batches: DataLoader, hp: HyperP
     for epoch in range(first, hp.epochs):
         model.train()
         total, count = 0.0, 0
-        for step, batch in enumerate(tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{hp.epochs}", leave=False)):
-            optimizer.zero_grad(set_to_none=True)
-            parts = micro_batches(batch, hp.micro_batches)  # once per batch, shared by its K configurations
-            for configuration in pick():
-                if not inner.is_set or inner.configuration is not configuration:
-                    lora.set_configuration(inner, configuration)  # identity check keeps an LQ-LoRA base
-                key = FULL_PRECISION if configuration is None else configuration.digest()
-                trained_on.add(key)
-                loss = _backward(model, accelerator, parts, hp.precision)
-                steps.append((adapter, epoch, step, key, loss))
-                total, count = total + loss, count + 1
-            accelerator.clip_grad_norm_(params, hp.clip)
-            factor = lr_factor(hp.lr_schedule, epoch * len(batches) + step, total_steps)
-            for group, lr in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = lr * factor
-            optimizer.step()
+        with held_weights(inner, hp.precision):  # released before on_epoch_end's fp32 search scoring
+            for step, batch in enumerate(tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{hp.epochs}", leave=False)):
+                optimizer.zero_grad(set_to_none=True)
+                parts = micro_batches(batch, hp.micro_batches)  # once per batch, shared by its K configurations
+                for configuration in pick():
+                    if not inner.is_set or inner.configuration is not configuration:
+                        lora.set_configuration(inner, configuration)  # identity check keeps an LQ-LoRA base
+                    key = FULL_PRECISION if configuration is None else configuration.digest()
+                    trained_on.add(key)
+                    loss = _backward(model, accelerator, parts, hp.precision)
+                    steps.append((adapter, epoch, step, key, loss))
+                    total, count = total + loss, count + 1
+                accelerator.clip_grad_norm_(params, hp.clip)
+                factor = lr_factor(hp.lr_schedule, epoch * len(batches) + step, total_steps)
+                for group, lr in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = lr * factor
+                optimizer.step()
         history.append({"epoch": epoch, "loss": total / max(count, 1)})
         if on_epoch_end is not None:
             on_epoch_end(epoch, history, optimizer.state_dict())

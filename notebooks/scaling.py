@@ -25,9 +25,9 @@
 # and backbone size (MPNet-base, 110M, three seeds): what quantization costs (the same LoRA at full precision
 # minus QLoRA at the lowest budget and on average), what one shared adapter costs against CoA-LoRA, and what
 # theta adds (CoA-LoRA minus its theta-free twin), at the lowest and the highest NF budget (2.5 and 4 bits).
-# More training sentences at the preset's two epochs are more steps. It then repeats MPNet-base's runs with
-# the backbone's dropout off, and probes what the quantized backbone alone still gives a classifier. Run with
-# `make scaling` (not part of `make reproduce`: it takes about 2.5 hours on 2 CPU cores).
+# More training sentences at the preset's two epochs are more steps. It then repeats each backbone's runs at
+# its first size with the backbone's dropout off, and probes what the quantized backbone alone still gives a
+# classifier. Run with `make scaling` (not part of `make reproduce`: it takes about 4 hours on 2 CPU cores).
 
 # %% tags=["parameters"]
 preset = "default"   # smoke | default | large | paper
@@ -37,8 +37,7 @@ backbones = ["minilm-l6", "mpnet-base"]
 n_trains = [2048, 4096, 8192]      # training sentences; at 2 epochs of 32: 128, 256, 512 steps
 mpnet_n_trains = [2048]            # MPNet-base is about 5x slower per step
 mpnet_seeds = [0, 1, 2]
-dropout_off_backbones = ["mpnet-base"]  # rerun at their first size and `seed` with backbone_dropout=0
-dropout_off_methods = ["fp-lora", "qlora", "shared"]  # the ceiling and one adapter per / for all configurations
+dropout_off_backbones = ["minilm-l6", "mpnet-base"]  # rerun at their first size with backbone_dropout=0
 probe_budgets = [None, 4.0, 3.0, 2.5]   # None: full precision
 probe_sentences = 512
 recompute = False
@@ -53,14 +52,22 @@ from coalora import plots, studies
 plots.use_style()
 sizes = {backbone: n_trains if backbone == backbones[0] else mpnet_n_trains for backbone in backbones}
 seeds = {backbone: [seed] if backbone == backbones[0] else mpnet_seeds for backbone in backbones}
+unknown = sorted(set(dropout_off_backbones) - {backbone for backbone in backbones if sizes[backbone]})
+if unknown:
+    raise ValueError(f"dropout_off_backbones {unknown} are not run here; choose among the backbones with sizes: "
+                     f"{[backbone for backbone in backbones if sizes[backbone]]}")
 specs = [spec for backbone in backbones for s in seeds[backbone]
          for spec in studies.scaling_specs(preset, task, [backbone], sizes[backbone], s)]
-rows = studies.collect(specs, recompute)
-gaps = studies.scaling_gaps(specs)
+# The dropout arm: every method again at each backbone's first size and seeds, every dropout layer of the
+# pretrained model at 0 (`HyperParams.backbone_dropout`).
+off = [spec for backbone in dropout_off_backbones for s in seeds[backbone]
+       for spec in studies.scaling_specs(preset, task, [backbone], sizes[backbone][:1], s, backbone_dropout=0.0)]
+rows = studies.collect(specs + off, recompute)
+gaps = studies.scaling_gaps(specs + off)
 figures, results = studies.output_dirs(preset, output_root)
 parameters = dict(preset=preset, task=task, seed=seed, backbones=backbones, n_trains=n_trains,
-                  mpnet_n_trains=mpnet_n_trains, mpnet_seeds=mpnet_seeds)
-studies.write_results(gaps, results / "scaling_gaps.csv", parameters, specs)
+                  mpnet_n_trains=mpnet_n_trains, mpnet_seeds=mpnet_seeds, dropout_off_backbones=dropout_off_backbones)
+studies.write_results(gaps, results / "scaling_gaps.csv", parameters, specs + off)
 gaps.round(2)
 
 # %%
@@ -83,24 +90,18 @@ print(accuracy.astype({"budget": object}).fillna({"budget": "full precision"})
       .pivot_table(index=["backbone", "n_train", "method"], columns="budget", values="accuracy").round(1).to_string())
 
 # %% [markdown]
-# **With the backbone's dropout off.** The runs of `dropout_off_methods` at the first size of each backbone
-# in `dropout_off_backbones`, seed `seed`, with every dropout layer of the pretrained model at 0
-# (`HyperParams.backbone_dropout`), beside the same runs with the checkpoint's dropout.
+# **With the backbone's dropout off.** Every run of the dropout arm (each backbone of
+# `dropout_off_backbones` at its first size and seeds) beside the same run with the checkpoint's dropout,
+# per seed.
 
 # %%
-arms = {dropout: [spec for backbone in dropout_off_backbones
-                  for spec in studies.scaling_specs(preset, task, [backbone], sizes.get(backbone, n_trains)[:1], seed,
-                                                    dropout_off_methods, backbone_dropout=dropout)]
-        for dropout in (None, 0.0)}
-on, off = arms[None], arms[0.0]
-studies.collect(on + off, recompute)
+off_keys = {(s.resolved().backbone, s.resolved().size, s.method, s.seed) for s in off}
+on = [s for s in specs if (s.resolved().backbone, s.resolved().size, s.method, s.seed) in off_keys]
 dropout = (studies.target_accuracy(on + off).astype({"backbone_dropout": object, "budget": object})
            .fillna({"backbone_dropout": "checkpoint", "budget": "full precision"}))
-studies.write_results(dropout, results / "scaling_dropout.csv",
-                      dict(parameters, dropout_off_backbones=dropout_off_backbones,
-                           dropout_off_methods=dropout_off_methods), on + off)
+studies.write_results(dropout, results / "scaling_dropout.csv", parameters, on + off)
 print(dropout.pivot_table(index=["backbone", "method"], columns=["backbone_dropout", "budget"],
-                          values="accuracy").round(1).to_string())
+                          values="accuracy", aggfunc="mean").round(1).to_string())
 
 # %% [markdown]
 # **What the quantized backbone alone leaves a classifier** (no adapter, no training; `studies.feature_probe`):

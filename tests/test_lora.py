@@ -5,6 +5,7 @@ Tiny randomly initialised BERT / Llama / Qwen2 models (the only place random mod
 cover the mechanics; the real MiniLM-L6 checks the export round trip once.
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -272,6 +273,56 @@ def test_switching_before_backward_keeps_each_forwards_weights():
 
     for a, b in zip(grads(False), grads(True)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("config_aware", [True, False])
+@pytest.mark.parametrize("family,task_type", CASES)
+def test_base_weights_held_in_bf16_change_no_number_under_autocast(family, task_type, config_aware):
+    """bf16-autocast loss and gradients are bitwise the same with the frozen weights held in bf16, and
+    the block gives back the weights of entry (a switch inside it: the configuration again, in fp32)."""
+    def loss_and_grads(hold: bool):
+        model, _ = build(family, task_type, config_aware=config_aware)
+        perturb_(model)
+        model.train()
+        configurations = [Configuration.random(model.layout, NF, seed=s) for s in (0, 1)]
+        lora.set_configuration(model, configurations[0])
+        entry = [layer.get_base_layer().weight for layer in model.lora_layers.values()]
+        ids = tokens()
+        labels = ids if task_type == "causal-lm" else torch.tensor([0, 1])
+        losses = []
+        with lora.base_weights_in(model, torch.bfloat16) if hold else contextlib.nullcontext():
+            for configuration in configurations:
+                lora.set_configuration(model, configuration)
+                dtypes = {layer.get_base_layer().weight.dtype for layer in model.lora_layers.values()}
+                assert dtypes == {torch.bfloat16 if hold else torch.float32}
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = model(input_ids=ids, labels=labels).loss
+                loss.backward()
+                losses.append(loss.detach())
+        weights = [layer.get_base_layer().weight for layer in model.lora_layers.values()]
+        assert all(w.dtype == torch.float32 and not w.requires_grad for w in weights)
+        expected = [model.weight_cache.get((model.fingerprints[name], configurations[1][name], w.device, w.dtype),
+                                           lambda: None) for name, w in zip(model.layout.names, weights)]
+        assert all(torch.equal(w, e) for w, e in zip(weights, expected))  # the last configuration, in fp32
+        assert not any(w is e for w, e in zip(weights, entry))
+        return losses, [p.grad.clone() for p in lora.trainable_parameters(model)]
+
+    held, plain = loss_and_grads(True), loss_and_grads(False)
+    assert all(torch.equal(a, b) for a, b in zip(held[0], plain[0]))
+    assert all(torch.equal(a, b) for a, b in zip(held[1], plain[1]))
+
+
+def test_base_weights_held_give_back_the_very_weights_of_entry():
+    model, _ = build("bert", "classification", config_aware=False)
+    configuration = uniform(model, LOW)
+    lora.set_configuration(model, configuration)
+    name = model.layout.names[0]
+    override = torch.zeros_like(model.full_precision[name])
+    lora.override_base_weight(model, name, override)  # an LQ-LoRA-style base the block must keep
+    entry = [layer.get_base_layer().weight for layer in model.lora_layers.values()]
+    with lora.base_weights_in(model, torch.bfloat16):
+        assert torch.equal(model.lora_layers[name].get_base_layer().weight, override.to(torch.bfloat16))
+    assert all(layer.get_base_layer().weight is w for layer, w in zip(model.lora_layers.values(), entry))
 
 
 # ---- export -----------------------------------------------------------------------------------------

@@ -36,9 +36,10 @@ EXPECTED = {
     "07_claims": {
         "claims.csv": (["claim", "paper", "ours", "ci_low", "ci_high", "n_seeds", "verdict"], 12)},
     "scaling": {
-        "scaling_gaps.csv": (["backbone", "n_train", "steps", "gap", "estimate", "ci_low", "ci_high"], 2 * 4),
+        "scaling_gaps.csv": (["backbone", "n_train", "steps", "backbone_dropout", "gap", "estimate", "ci_low",
+                              "ci_high"], (2 + 1) * 4),
         "scaling_dropout.csv": (["backbone", "n_train", "backbone_dropout", "method", "seed", "budget", "accuracy"],
-                                2 * (1 + 2 * 2)),
+                                2 * (1 + 4 * 2)),
         "scaling_probe.csv": (["backbone", "budget", "avg_bits", "two_bit_share", "probe", "cosine", "error",
                                "dropout_noise"], 2)},
 }

@@ -264,3 +264,30 @@ def test_reference_rows_draw_a_ceiling_and_a_dashed_floor():
     assert len(horizontal) == 1 and horizontal[0].get_ydata()[0] == pytest.approx(91.0)
     floor = [line for line in data_lines(ax) if to_hex(line.get_color()) == METHODS["no-adapter"].color.lower()]
     assert len(floor) == 1 and floor[0].get_linestyle() != "-"
+
+
+def test_scaling_draws_the_dropout_arm_hollow_and_apart_from_the_checkpoint_arm():
+    ax = plt.figure().add_subplot()
+    gaps = pd.DataFrame([{"backbone": "mpnet-base", "n_train": 2048, "steps": 128, "backbone_dropout": dropout,
+                          "gap": gap, "estimate": value - shift, "ci_low": value - shift - 1,
+                          "ci_high": value - shift + 1}
+                         for dropout, shift in ((np.nan, 0.0), (0.0, 5.0))
+                         for gap, value in (("full precision - QLoRA, mean", 20.0), ("CoA - Shared", 1.0))])
+    plots.plot_scaling(ax, gaps)
+    lines = [bars.lines[0] for bars in ax.containers if len(bars.lines[0].get_xdata())]  # error bars with data
+    assert len(lines) == 4                                   # two gaps x two arms
+    hollow = [line for line in lines if line.get_markerfacecolor() in ("white", (1.0, 1.0, 1.0, 1.0))]
+    assert len(hollow) == 2
+    assert all(line.get_xdata()[0] > 128 for line in hollow)                       # nudged right
+    assert all(line.get_xdata()[0] == 128 for line in lines if line not in hollow)
+    assert legend_labels(ax) == ["full precision - QLoRA, mean", "CoA - Shared", "hollow: backbone dropout off"]
+    assert labelled(ax)
+
+
+def test_scaling_without_a_dropout_arm_has_no_hollow_key():
+    ax = plt.figure().add_subplot()
+    gaps = pd.DataFrame([{"backbone": "minilm-l6", "n_train": n, "steps": n // 16, "gap": "g", "estimate": 1.0,
+                          "ci_low": 0.0, "ci_high": 2.0} for n in (2048, 4096)])
+    plots.plot_scaling(ax, gaps)
+    assert legend_labels(ax) == ["g"]
+    assert list(ax.containers[0].lines[0].get_xdata()) == [128, 256]

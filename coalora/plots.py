@@ -131,6 +131,7 @@ def plot_scaling(ax, gaps: pd.DataFrame) -> None:
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(gaps["steps"].unique()), [str(s) for s in sorted(gaps["steps"].unique())])
+    ax.set_xlim(gaps["steps"].min() / 1.3, gaps["steps"].max() * 1.3)  # a lone step count is not stretched wide
     ax.set_xlabel("training steps")
     ax.set_ylabel("difference (accuracy points)")
 

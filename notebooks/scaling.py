@@ -63,7 +63,8 @@ specs = [spec for backbone in backbones for s in seeds[backbone]
 off = [spec for backbone in dropout_off_backbones for s in seeds[backbone]
        for spec in studies.scaling_specs(preset, task, [backbone], sizes[backbone][:1], s, backbone_dropout=0.0)]
 rows = studies.collect(specs + off, recompute)
-gaps = studies.scaling_gaps(specs + off)
+gaps = (studies.scaling_gaps(specs + off).astype({"backbone_dropout": object})
+        .fillna({"backbone_dropout": "checkpoint"}))
 figures, results = studies.output_dirs(preset, output_root)
 parameters = dict(preset=preset, task=task, seed=seed, backbones=backbones, n_trains=n_trains,
                   mpnet_n_trains=mpnet_n_trains, mpnet_seeds=mpnet_seeds, dropout_off_backbones=dropout_off_backbones)

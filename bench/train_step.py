@@ -3,10 +3,10 @@
 On the default preset's model and batch shape (MiniLM-L6, r = 8, 32 RT sentences padded to the batch's
 longest), times a QLoRA step (one configuration) and a CoA-LoRA step (K = 2 configurations, gradients
 summed) in fp32 and under `torch.autocast(dtype=torch.bfloat16)`, after warm-up with the quantized weights
-cached, and in bf16 with the frozen base weights held in bf16 as training holds them (`--no-held`: in fp32,
-cast again at every forward). The floor of a step is its FLOPs (counted by `torch.utils.flop_counter` over forward and backward)
-divided by the measured throughput of a large matmul in the same precision; the ratio says how far the step
-is from what the arithmetic alone would take. Results: docs/measurements.md#training-step.
+cached; in bf16 the frozen base weights are held in bf16 as training holds them (`--no-held`: in fp32,
+cast again at every forward). The floor of a step is its FLOPs (counted by `torch.utils.flop_counter` over
+forward and backward) divided by the measured throughput of a large matmul in the same precision; the ratio
+says how far the step is from what the arithmetic alone would take. Results: docs/measurements.md#training-step.
 
 Run: `.venv/bin/python bench/train_step.py` on an otherwise idle machine (part of `make bench`);
 `--quick` times one step of each, to check that the benchmark runs; `--threads 1` in two shells at once

@@ -58,10 +58,17 @@ if unknown:
                      f"{[backbone for backbone in backbones if sizes[backbone]]}")
 specs = [spec for backbone in backbones for s in seeds[backbone]
          for spec in studies.scaling_specs(preset, task, [backbone], sizes[backbone], s)]
-# The dropout arm: every method again at each backbone's first size and seeds, every dropout layer of the
-# pretrained model at 0 (`HyperParams.backbone_dropout`).
-off = [spec for backbone in dropout_off_backbones for s in seeds[backbone]
-       for spec in studies.scaling_specs(preset, task, [backbone], sizes[backbone][:1], s, backbone_dropout=0.0)]
+
+
+def dropout_arm(dropout):
+    """Every method at each backbone of `dropout_off_backbones`, its first size and its seeds, with
+    `backbone_dropout=dropout` (0: every dropout layer of the pretrained model off; None: the checkpoint's)."""
+    return [spec for backbone in dropout_off_backbones for s in seeds[backbone]
+            for spec in studies.scaling_specs(preset, task, [backbone], sizes[backbone][:1], s,
+                                              backbone_dropout=dropout)]
+
+
+off = dropout_arm(0.0)
 rows = studies.collect(specs + off, recompute)
 gaps = (studies.scaling_gaps(specs + off).astype({"backbone_dropout": object})
         .fillna({"backbone_dropout": "checkpoint"}))
@@ -96,8 +103,7 @@ print(accuracy.astype({"budget": object}).fillna({"budget": "full precision"})
 # per seed.
 
 # %%
-off_keys = {(s.resolved().backbone, s.resolved().size, s.method, s.seed) for s in off}
-on = [s for s in specs if (s.resolved().backbone, s.resolved().size, s.method, s.seed) in off_keys]
+on = dropout_arm(None)
 dropout = (studies.target_accuracy(on + off).astype({"backbone_dropout": object, "budget": object})
            .fillna({"backbone_dropout": "checkpoint", "budget": "full precision"}))
 studies.write_results(dropout, results / "scaling_dropout.csv", parameters, on + off)

@@ -72,6 +72,37 @@ def evaluate(model: torch.nn.Module, configuration: Configuration | None,
             "per_example": per_example}
 
 
+@torch.no_grad()
+def sentence_features(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], limit: int | None = None,
+                      training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The features a classification head reads, as the model's configuration leaves them: the first
+    token's last hidden state [N, H] (BERT's pooler and MPNet's dense layer start from it), float32,
+    with the labels [N], for the first `limit` examples (None: all). `training` runs the forwards in
+    training mode (the backbone's dropout on)."""
+    was_training = model.training
+    model.train(training)
+    device = next(model.parameters()).device
+    out, labels = [], []
+    for batch in batches:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        labels.append(batch.pop("labels").cpu())
+        out.append(model(**batch, output_hidden_states=True).hidden_states[-1][:, 0].float().cpu())  # [B, H]
+        if limit is not None and sum(len(x) for x in out) >= limit:
+            break
+    model.train(was_training)
+    return torch.cat(out)[:limit], torch.cat(labels)[:limit]
+
+
+def mean_cosine(features: torch.Tensor) -> float:
+    """Mean pairwise cosine between the rows of `features` [N, H], N >= 2, self-pairs left out: 1 when
+    every example looks alike to a head reading them, about 0 for unrelated directions."""
+    n = len(features)
+    if n < 2:
+        raise ValueError(f"a mean pairwise cosine needs at least 2 examples, got {n}")
+    normalized = torch.nn.functional.normalize(features.double(), dim=1)
+    return float(((normalized @ normalized.T).sum() - n) / (n * (n - 1)))
+
+
 def hypervolume(bits: Iterable[float], values: Iterable[float], bits_range: tuple[float, float],
                 value_range: tuple[float, float] = (0.0, 1.0), higher_is_better: bool = True) -> float:
     """Hypervolume of the (average bits, metric) points, in [0, 1].

@@ -103,6 +103,8 @@ SCALING_GAPS = {  # name -> (method, reference, budgets: "lowest" or "mean")
     "CoA-LoRA - without theta, mean": ("coalora", "coalora-no-theta", "mean"),
 }
 SCALING_METHODS = ("fp-lora", "qlora", "shared", "coalora-no-theta", "coalora")
+# The ones whose one adapter serves every budget: what `head_features` reads.
+SHARED_ADAPTER_METHODS = tuple(m for m in SCALING_METHODS if METHODS[m].serves_any_configuration)
 
 
 # The scaling study scores the lowest and the highest NF budget only: QLoRA trains one adapter per budget,
@@ -190,6 +192,7 @@ def feature_probe(backbone: str, budgets: Iterable[float | None], preset: str = 
     from coalora import models
     from coalora.data import TASKS, load_task
     from coalora.lora import quantize_weights_
+    from coalora.metrics import mean_cosine, sentence_features
     from coalora.repro import seed_everything
 
     if task_type(task) != "classification":
@@ -204,20 +207,7 @@ def feature_probe(backbone: str, budgets: Iterable[float | None], preset: str = 
     train = experiments._batches(data, tokenizer, spec, "train", shuffle=False)
     dev = experiments._batches(data, tokenizer, spec, "dev", shuffle=False)
 
-    def features(model, batches, limit=None, training=False):  # -> [N, H] features, [N] labels
-        model.train(training)
-        out, labels = [], []
-        with torch.no_grad():
-            for batch in batches:
-                batch = dict(batch)
-                labels.append(batch.pop("labels"))
-                out.append(model(**batch, output_hidden_states=True).hidden_states[-1][:, 0])  # [B, H]
-                if limit is not None and sum(len(x) for x in out) >= limit:
-                    break
-        model.eval()
-        return torch.cat(out)[:limit].float(), torch.cat(labels)[:limit]
-
-    reference, reference_y = features(base, dev)  # full precision: what every budget's error is against
+    reference, reference_y = sentence_features(base, dev)  # full precision: what every budget's error is against
     rows = []
     for budget in budgets:
         model, share = base, 0.0
@@ -227,20 +217,58 @@ def feature_probe(backbone: str, budgets: Iterable[float | None], preset: str = 
             model = quantize_weights_(copy.deepcopy(base), configuration)
             avg_bits = configuration.avg_bits
             share = float(np.mean([lq.bits == 2 for _, lq in configuration]))
-        fit_x, fit_y = features(model, train, n_sentences)
-        dev_x, dev_y = (reference, reference_y) if budget is None else features(model, dev)
+        fit_x, fit_y = sentence_features(model, train, n_sentences)
+        dev_x, dev_y = (reference, reference_y) if budget is None else sentence_features(model, dev)
         torch.manual_seed(seed)  # the dropout masks
-        noisy = features(model, dev, training=True)[0]
-        normalized = torch.nn.functional.normalize(dev_x, dim=1)
-        n = len(dev_x)
+        noisy = sentence_features(model, dev, training=True)[0]
         rows.append({
             "backbone": spec.backbone, "budget": budget, "avg_bits": avg_bits, "two_bit_share": share,
             "probe": _probe_accuracy(fit_x, fit_y, dev_x, dev_y),
-            "cosine": float(((normalized @ normalized.T).sum() - n) / (n * (n - 1))),
+            "cosine": mean_cosine(dev_x),
             "error": float((dev_x - reference).norm() / reference.norm()),
             "dropout_noise": float((noisy - dev_x).norm() / (dev_x - dev_x.mean(0)).norm()),
         })
     return pd.DataFrame(rows)
+
+
+def head_features(specs: Sequence[RunSpec], n_sentences: int = PROBE_SENTENCES,
+                  recompute: bool = False) -> pd.DataFrame:
+    """What a trained run's one adapter leaves its classification head, at each target budget: the
+    run's accuracy (%) beside the mean pairwise cosine of the features the head reads (as in
+    `feature_probe`) over the first `n_sentences` dev sentences. A cosine near 1 means every sentence
+    looks alike to the head, which can then only guess. For runs of methods whose one adapter serves
+    every configuration (Shared-LoRA, CoA-LoRA and its theta-free twin); cached per run."""
+    from coalora import lora
+    from coalora.metrics import mean_cosine, sentence_features
+
+    out = []
+    for spec in specs:
+        spec = spec.resolved()
+        if not METHODS[spec.method].serves_any_configuration or task_type(spec.task) != "classification":
+            raise ValueError(f"head features are read from one trained adapter on a classification task; got "
+                             f"method {spec.method!r} on {spec.task!r}; methods: "
+                             f"{', '.join(m for m, v in METHODS.items() if v.serves_any_configuration)}")
+        rows = run_experiment(spec)
+        targets = rows[rows["configuration_set"] == "target"]
+
+        def compute(spec=spec, targets=targets):
+            _, trained, dev, _ = experiments._reloaded(spec)
+            lora.load_adapter_state(trained.model, trained.states["shared"])
+            by_id = {c.digest(): c for c in map(lambda b: experiments._allocate(spec, b), spec.eval_budgets)}
+            found = []
+            for _, row in targets.iterrows():
+                lora.set_configuration(trained.model, by_id[row["configuration_id"]])
+                features, _ = sentence_features(trained.model, dev, n_sentences)
+                found.append({"configuration_id": row["configuration_id"], "cosine": mean_cosine(features)})
+            return found
+
+        cosines = experiments._cached_rows(spec, f"head_features_{n_sentences}.csv", recompute, compute)
+        for _, row in targets.merge(cosines[["configuration_id", "cosine"]], on="configuration_id").iterrows():
+            out.append({"backbone": spec.backbone, "n_train": spec.size.n_train,
+                        "backbone_dropout": spec.hp.backbone_dropout, "method": spec.method, "seed": spec.seed,
+                        "budget": float(row["budget"]), "accuracy": 100 * float(row["value"]),
+                        "cosine": float(row["cosine"])})
+    return pd.DataFrame(out)
 
 
 def _probe_accuracy(fit_x, fit_y, test_x, test_y) -> float:

@@ -26,8 +26,9 @@
 # minus QLoRA at the lowest budget and on average), what one shared adapter costs against CoA-LoRA, and what
 # theta adds (CoA-LoRA minus its theta-free twin), at the lowest and the highest NF budget (2.5 and 4 bits).
 # More training sentences at the preset's two epochs are more steps. It then repeats each backbone's runs at
-# its first size with the backbone's dropout off, and probes what the quantized backbone alone still gives a
-# classifier. Run with `make scaling` (not part of `make reproduce`: it takes about 4 hours on 2 CPU cores).
+# its first size with the backbone's dropout off (MPNet-base also at twice the steps), and probes what the
+# quantized backbone alone still gives a classifier. Run with `make scaling` (not part of `make reproduce`: it
+# takes about 6 hours on 2 CPU cores).
 
 # %% tags=["parameters"]
 preset = "default"   # smoke | default | large | paper
@@ -37,9 +38,12 @@ backbones = ["minilm-l6", "mpnet-base"]
 n_trains = [2048, 4096, 8192]      # training sentences; at 2 epochs of 32: 128, 256, 512 steps
 mpnet_n_trains = [2048]            # MPNet-base is about 5x slower per step
 mpnet_seeds = [0, 1, 2]
-dropout_off_backbones = ["minilm-l6", "mpnet-base"]  # rerun at their first size with backbone_dropout=0
+# backbone -> training sentences run again with backbone_dropout=0: each backbone's first size (beside its
+# checkpoint-dropout twin), and MPNet-base at twice the steps, where its shared adapters leave the 2.5-bit plateau
+dropout_off_n_trains = {"minilm-l6": [2048], "mpnet-base": [2048, 4096]}
 probe_budgets = [None, 4.0, 3.0, 2.5]   # None: full precision
 probe_sentences = 512
+head_sentences = 256   # dev sentences whose head features are compared per trained shared adapter
 recompute = False
 output_root = None   # None: the project root (figures/ and results/)
 
@@ -52,29 +56,29 @@ from coalora import plots, studies
 plots.use_style()
 sizes = {backbone: n_trains if backbone == backbones[0] else mpnet_n_trains for backbone in backbones}
 seeds = {backbone: [seed] if backbone == backbones[0] else mpnet_seeds for backbone in backbones}
-unknown = sorted(set(dropout_off_backbones) - {backbone for backbone in backbones if sizes[backbone]})
+unknown = sorted(set(dropout_off_n_trains) - {backbone for backbone in backbones if sizes[backbone]})
 if unknown:
-    raise ValueError(f"dropout_off_backbones {unknown} are not run here; choose among the backbones with sizes: "
-                     f"{[backbone for backbone in backbones if sizes[backbone]]}")
+    raise ValueError(f"dropout_off_n_trains names {unknown}, which are not run here; choose among the backbones "
+                     f"with sizes: {[backbone for backbone in backbones if sizes[backbone]]}")
 specs = [spec for backbone in backbones for s in seeds[backbone]
          for spec in studies.scaling_specs(preset, task, [backbone], sizes[backbone], s)]
 
 
-def dropout_arm(dropout):
-    """Every method at each backbone of `dropout_off_backbones`, its first size and its seeds, with
-    `backbone_dropout=dropout` (0: every dropout layer of the pretrained model off; None: the checkpoint's)."""
-    return [spec for backbone in dropout_off_backbones for s in seeds[backbone]
-            for spec in studies.scaling_specs(preset, task, [backbone], sizes[backbone][:1], s,
-                                              backbone_dropout=dropout)]
+def dropout_arm(dropout, n_trains):
+    """Every method at each backbone and number of training sentences of `n_trains` (backbone -> sizes),
+    with the backbone's seeds and `backbone_dropout=dropout` (0: every dropout layer of the pretrained
+    model off; None: the checkpoint's)."""
+    return [spec for backbone, ns in n_trains.items() for s in seeds[backbone]
+            for spec in studies.scaling_specs(preset, task, [backbone], ns, s, backbone_dropout=dropout)]
 
 
-off = dropout_arm(0.0)
+off = dropout_arm(0.0, dropout_off_n_trains)
 rows = studies.collect(specs + off, recompute)
 gaps = (studies.scaling_gaps(specs + off).astype({"backbone_dropout": object})
         .fillna({"backbone_dropout": "checkpoint"}))
 figures, results = studies.output_dirs(preset, output_root)
 parameters = dict(preset=preset, task=task, seed=seed, backbones=backbones, n_trains=n_trains,
-                  mpnet_n_trains=mpnet_n_trains, mpnet_seeds=mpnet_seeds, dropout_off_backbones=dropout_off_backbones)
+                  mpnet_n_trains=mpnet_n_trains, mpnet_seeds=mpnet_seeds, dropout_off_n_trains=dropout_off_n_trains)
 studies.write_results(gaps, results / "scaling_gaps.csv", parameters, specs + off)
 gaps.round(2)
 
@@ -98,17 +102,30 @@ print(accuracy.astype({"budget": object}).fillna({"budget": "full precision"})
       .pivot_table(index=["backbone", "n_train", "method"], columns="budget", values="accuracy").round(1).to_string())
 
 # %% [markdown]
-# **With the backbone's dropout off.** Every run of the dropout arm (each backbone of
-# `dropout_off_backbones` at its first size and seeds) beside the same run with the checkpoint's dropout,
-# per seed.
+# **With the backbone's dropout off.** Every run of the dropout arm (`dropout_off_n_trains`) beside the same
+# run with the checkpoint's dropout where the study has one, per seed.
 
 # %%
-on = dropout_arm(None)
+on = dropout_arm(None, {backbone: [n for n in ns if n in sizes[backbone]]  # the sizes with a checkpoint-dropout twin
+                        for backbone, ns in dropout_off_n_trains.items()})
 dropout = (studies.target_accuracy(on + off).astype({"backbone_dropout": object, "budget": object})
            .fillna({"backbone_dropout": "checkpoint", "budget": "full precision"}))
 studies.write_results(dropout, results / "scaling_dropout.csv", parameters, on + off)
-print(dropout.pivot_table(index=["backbone", "method"], columns=["backbone_dropout", "budget"],
+print(dropout.pivot_table(index=["backbone", "n_train", "method"], columns=["backbone_dropout", "budget"],
                           values="accuracy", aggfunc="mean").round(1).to_string())
+
+# %% [markdown]
+# **What each shared adapter leaves its head** (`studies.head_features`): per run of the dropout arm whose one
+# adapter serves every budget, the accuracy beside how alike the sentences' features look to the head (mean
+# pairwise cosine over the first `head_sentences` dev sentences; 1: the head can only guess).
+
+# %%
+heads = studies.head_features([spec for spec in off if spec.method in studies.SHARED_ADAPTER_METHODS],
+                              head_sentences)
+studies.write_results(heads, results / "scaling_head_features.csv",
+                      dict(parameters, head_sentences=head_sentences), off)
+print(heads.pivot_table(index=["backbone", "n_train", "method", "seed"], columns="budget",
+                        values=["accuracy", "cosine"]).round(2).to_string())
 
 # %% [markdown]
 # **What the quantized backbone alone leaves a classifier** (no adapter, no training; `studies.feature_probe`):

@@ -328,6 +328,22 @@ def test_theta_off_rescores_every_configuration_of_the_run(runs_in_tmp):
         experiments.theta_off_rows(spec("qlora"))
 
 
+def test_head_features_read_the_trained_adapter_at_each_target_and_are_cached(runs_in_tmp, monkeypatch):
+    from coalora import studies
+
+    run = spec("shared", eval_budgets=(2.5, 4.0))
+    features = studies.head_features([run], n_sentences=8)
+    rows = run_experiment(run)
+    targets = rows[rows["configuration_set"] == "target"]
+    assert list(features["budget"]) == [2.5, 4.0]
+    assert list(features["accuracy"]) == pytest.approx(list(100 * targets["value"]))
+    assert features["cosine"].between(-1, 1).all() and features["cosine"].nunique() == 2  # each budget its own
+    monkeypatch.setattr(experiments, "_reloaded", None)  # a second call reads the run's cached file
+    pd.testing.assert_frame_equal(studies.head_features([run], n_sentences=8), features)
+    with pytest.raises(ValueError, match="got method 'qlora' on 'sst2'; methods: .*shared"):
+        studies.head_features([spec("qlora")])
+
+
 def test_a_trained_model_serves_as_real_bitsandbytes_nf4_layers(runs_in_tmp, tmp_path):
     """The deployment path: a smoke-trained CoA-LoRA materialized at uniform NF4 (what bitsandbytes holds
     natively) and loaded with PEFT on MiniLM-L6 in real 4-bit layers predicts as the fake-quantized model

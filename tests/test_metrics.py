@@ -1,6 +1,7 @@
 import pytest
+import torch
 
-from coalora.metrics import accuracy_gap, hypervolume
+from coalora.metrics import accuracy_gap, hypervolume, mean_cosine
 
 
 def test_hypervolume_of_one_point_is_its_box():
@@ -40,3 +41,11 @@ def test_accuracy_gap_in_points_over_shared_configurations():
     assert accuracy_gap({"a": 0.90, "b": 0.80, "c": 0.5}, {"a": 0.88, "b": 0.81}) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="no configuration was evaluated for both"):
         accuracy_gap({"a": 0.9}, {"b": 0.9})
+
+
+def test_mean_cosine_is_one_for_alike_rows_zero_for_orthogonal_and_leaves_out_self_pairs():
+    assert mean_cosine(torch.tensor([[1.0, 2.0], [2.0, 4.0], [3.0, 6.0]])) == pytest.approx(1.0)
+    assert mean_cosine(torch.eye(4)) == pytest.approx(0.0)  # self-pairs counted would give 1/4
+    assert mean_cosine(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="at least 2 examples, got 1"):
+        mean_cosine(torch.ones(1, 3))

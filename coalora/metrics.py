@@ -74,21 +74,25 @@ def evaluate(model: torch.nn.Module, configuration: Configuration | None,
 
 @torch.no_grad()
 def sentence_features(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], limit: int | None = None,
-                      training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      training: bool = False, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """The features a classification head reads, as the model's configuration leaves them: the first
     token's last hidden state [N, H] (BERT's pooler and MPNet's dense layer start from it), float32,
-    with the labels [N], for the first `limit` examples (None: all). `training` runs the forwards in
-    training mode (the backbone's dropout on)."""
+    with the labels [N], for the first `limit` examples in batch order (None: all). `training` runs the
+    forwards in training mode (the backbone's dropout on); `precision` as in `evaluate`, so a bf16 run's
+    features are the ones its evaluation scored."""
     was_training = model.training
     model.train(training)
     device = next(model.parameters()).device
     out, labels = [], []
-    for batch in batches:
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        labels.append(batch.pop("labels").cpu())
-        out.append(model(**batch, output_hidden_states=True).hidden_states[-1][:, 0].float().cpu())  # [B, H]
-        if limit is not None and sum(len(x) for x in out) >= limit:
-            break
+    with held_weights(model, precision):
+        for batch in batches:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            labels.append(batch.pop("labels").cpu())
+            with autocast(device, precision):
+                hidden = model(**batch, output_hidden_states=True).hidden_states[-1]  # [B, L, H]
+            out.append(hidden[:, 0].float().cpu())
+            if limit is not None and sum(len(x) for x in out) >= limit:
+                break
     model.train(was_training)
     return torch.cat(out)[:limit], torch.cat(labels)[:limit]
 

@@ -231,39 +231,46 @@ def feature_probe(backbone: str, budgets: Iterable[float | None], preset: str = 
     return pd.DataFrame(rows)
 
 
-def head_features(specs: Sequence[RunSpec], n_sentences: int = PROBE_SENTENCES,
-                  recompute: bool = False) -> pd.DataFrame:
+def head_features(specs: Sequence[RunSpec], recompute: bool = False) -> pd.DataFrame:
     """What a trained run's one adapter leaves its classification head, at each target budget: the
     run's accuracy (%) beside the mean pairwise cosine of the features the head reads (as in
-    `feature_probe`) over the first `n_sentences` dev sentences. A cosine near 1 means every sentence
-    looks alike to the head, which can then only guess. For runs of methods whose one adapter serves
-    every configuration (Shared-LoRA, CoA-LoRA and its theta-free twin); cached per run."""
+    `feature_probe`) over the dev split, in the run's precision. A cosine near 1 means every sentence
+    looks alike to the head, which can then only guess. For runs of SHARED_ADAPTER_METHODS on a
+    classification task; cached per run."""
     from coalora import lora
+    from coalora.data import TASKS
     from coalora.metrics import mean_cosine, sentence_features
 
     out = []
     for spec in specs:
         spec = spec.resolved()
-        if not METHODS[spec.method].serves_any_configuration or task_type(spec.task) != "classification":
-            raise ValueError(f"head features are read from one trained adapter on a classification task; got "
-                             f"method {spec.method!r} on {spec.task!r}; methods: "
-                             f"{', '.join(m for m, v in METHODS.items() if v.serves_any_configuration)}")
+        if spec.method not in SHARED_ADAPTER_METHODS:
+            raise ValueError(f"head features are read from one trained adapter; got method {spec.method!r}; "
+                             f"choose among {', '.join(SHARED_ADAPTER_METHODS)}")
+        if task_type(spec.task) != "classification":
+            raise ValueError(f"head features are a classifier's; task {spec.task!r} is a {task_type(spec.task)} task; "
+                             f"classification tasks: {', '.join(t for t in TASKS if task_type(t) == 'classification')}")
         rows = run_experiment(spec)
         targets = rows[rows["configuration_set"] == "target"]
 
         def compute(spec=spec, targets=targets):
             _, trained, dev, _ = experiments._reloaded(spec)
             lora.load_adapter_state(trained.model, trained.states["shared"])
-            by_id = {c.digest(): c for c in map(lambda b: experiments._allocate(spec, b), spec.eval_budgets)}
             found = []
-            for _, row in targets.iterrows():
-                lora.set_configuration(trained.model, by_id[row["configuration_id"]])
-                features, _ = sentence_features(trained.model, dev, n_sentences)
-                found.append({"configuration_id": row["configuration_id"], "cosine": mean_cosine(features)})
+            for budget, cid in zip(targets["budget"], targets["configuration_id"]):
+                configuration = experiments._allocate(spec, budget)
+                assert configuration.digest() == cid, f"budget {budget} allocates another configuration than the run's"
+                lora.set_configuration(trained.model, configuration)
+                features, _ = sentence_features(trained.model, dev, precision=spec.hp.precision)
+                found.append({"configuration_id": cid, "cosine": mean_cosine(features)})
             return found
 
-        cosines = experiments._cached_rows(spec, f"head_features_{n_sentences}.csv", recompute, compute)
-        for _, row in targets.merge(cosines[["configuration_id", "cosine"]], on="configuration_id").iterrows():
+        cosines = experiments._cached_rows(spec, "head_features.csv", recompute, compute)
+        merged = targets.merge(cosines[["configuration_id", "cosine"]], on="configuration_id", validate="one_to_one")
+        if len(merged) != len(targets):
+            raise ValueError(f"{run_dir(spec) / 'head_features.csv'} lacks target configurations of the run; "
+                             f"recompute it (recompute=True)")
+        for _, row in merged.iterrows():
             out.append({"backbone": spec.backbone, "n_train": spec.size.n_train,
                         "backbone_dropout": spec.hp.backbone_dropout, "method": spec.method, "seed": spec.seed,
                         "budget": float(row["budget"]), "accuracy": 100 * float(row["value"]),

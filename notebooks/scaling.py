@@ -43,7 +43,6 @@ mpnet_seeds = [0, 1, 2]
 dropout_off_n_trains = {"minilm-l6": [2048], "mpnet-base": [2048, 4096]}
 probe_budgets = [None, 4.0, 3.0, 2.5]   # None: full precision
 probe_sentences = 512
-head_sentences = 256   # dev sentences whose head features are compared per trained shared adapter
 recompute = False
 output_root = None   # None: the project root (figures/ and results/)
 
@@ -116,14 +115,13 @@ print(dropout.pivot_table(index=["backbone", "n_train", "method"], columns=["bac
 
 # %% [markdown]
 # **What each shared adapter leaves its head** (`studies.head_features`): per run of the dropout arm whose one
-# adapter serves every budget, the accuracy beside how alike the sentences' features look to the head (mean
-# pairwise cosine over the first `head_sentences` dev sentences; 1: the head can only guess).
+# adapter serves every budget, the accuracy beside how alike the dev sentences' features look to the head
+# (mean pairwise cosine; 1: the head can only guess).
 
 # %%
-heads = studies.head_features([spec for spec in off if spec.method in studies.SHARED_ADAPTER_METHODS],
-                              head_sentences)
-studies.write_results(heads, results / "scaling_head_features.csv",
-                      dict(parameters, head_sentences=head_sentences), off)
+shared_off = [spec for spec in off if spec.method in studies.SHARED_ADAPTER_METHODS]
+heads = studies.head_features(shared_off)
+studies.write_results(heads, results / "scaling_head_features.csv", parameters, shared_off)
 print(heads.pivot_table(index=["backbone", "n_train", "method", "seed"], columns="budget",
                         values=["accuracy", "cosine"]).round(2).to_string())
 

@@ -332,16 +332,18 @@ def test_head_features_read_the_trained_adapter_at_each_target_and_are_cached(ru
     from coalora import studies
 
     run = spec("shared", eval_budgets=(2.5, 4.0))
-    features = studies.head_features([run], n_sentences=8)
+    features = studies.head_features([run])
     rows = run_experiment(run)
     targets = rows[rows["configuration_set"] == "target"]
     assert list(features["budget"]) == [2.5, 4.0]
     assert list(features["accuracy"]) == pytest.approx(list(100 * targets["value"]))
     assert features["cosine"].between(-1, 1).all() and features["cosine"].nunique() == 2  # each budget its own
     monkeypatch.setattr(experiments, "_reloaded", None)  # a second call reads the run's cached file
-    pd.testing.assert_frame_equal(studies.head_features([run], n_sentences=8), features)
-    with pytest.raises(ValueError, match="got method 'qlora' on 'sst2'; methods: .*shared"):
+    pd.testing.assert_frame_equal(studies.head_features([run]), features)
+    with pytest.raises(ValueError, match="got method 'qlora'; choose among .*shared"):
         studies.head_features([spec("qlora")])
+    with pytest.raises(ValueError, match="task 'c4' is a causal-lm task; classification tasks: .*sst2"):
+        studies.head_features([spec("shared", task="c4")])
 
 
 def test_a_trained_model_serves_as_real_bitsandbytes_nf4_layers(runs_in_tmp, tmp_path):

@@ -49,3 +49,28 @@ def test_mean_cosine_is_one_for_alike_rows_zero_for_orthogonal_and_leaves_out_se
     assert mean_cosine(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="at least 2 examples, got 1"):
         mean_cosine(torch.ones(1, 3))
+
+
+def test_sentence_features_read_the_first_token_of_the_last_layer_up_to_a_limit_and_keep_the_mode():
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    from coalora import lora, models
+    from coalora.configs import QuantSpace
+    from coalora.metrics import sentence_features
+
+    torch.manual_seed(0)
+    backbone = AutoModelForSequenceClassification.from_config(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32))
+    model = lora.build_lora_model(backbone, models.matrix_layout(backbone, "tiny-bert"), QuantSpace.nf(),
+                                  config_aware=False, task_type="classification")
+    lora.set_configuration(model, None).train()
+    batches = [{"input_ids": torch.randint(1, 50, (4, 6)), "labels": torch.tensor([0, 1, 0, 1])} for _ in range(3)]
+    features, labels = sentence_features(model, batches, limit=6)
+    assert features.shape == (6, 16) and features.dtype == torch.float32 and model.training  # mode given back
+    assert labels.tolist() == [0, 1, 0, 1, 0, 1]
+    with torch.no_grad():
+        expected = model.eval()(input_ids=batches[0]["input_ids"], output_hidden_states=True).hidden_states[-1][:, 0]
+    torch.testing.assert_close(features[:4], expected)
+    half, _ = sentence_features(model, batches, precision="bf16")
+    assert len(half) == 12 and not model.training
+    torch.testing.assert_close(half[:4], expected, atol=0.05, rtol=0.05)  # bf16 autocast: close, not equal

@@ -48,8 +48,7 @@ EXPECTED = {
 # Smoke parameters beyond the preset: the scaling study on one backbone at two small sizes, its dropout
 # arm at the first, and the probe at two budgets.
 SMOKE = {"scaling": {"backbones": ["minilm-l6"], "n_trains": [32, 64], "mpnet_n_trains": [],
-                     "dropout_off_n_trains": {"minilm-l6": [32]}, "probe_budgets": [None, 2.5], "probe_sentences": 32,
-                     "head_sentences": 16}}
+                     "dropout_off_n_trains": {"minilm-l6": [32]}, "probe_budgets": [None, 2.5], "probe_sentences": 32}}
 SEQUENCE_KEYS = {spec.resolved().key() for spec in studies.sequence_specs("smoke", seeds=[0])}
 FIGURES = {"01_fig1_motivation": "fig1_motivation", "02_fig2_workflow": "fig2_workflow",
            "04_fig3_bitwidth": "fig3_bitwidth", "05_fig4_perplexity": "fig4_perplexity",

@@ -53,7 +53,7 @@ reproduce: assets
 # down many times over). `make bench QUICK=1` runs each in its quick mode, as the test suite does.
 BENCHMARKS := $(sort $(wildcard bench/*.py))
 
-# The scaling study behind the default preset's scale (notebooks/scaling, about 4 h on 2 CPU cores, its
+# The scaling study behind the default preset's scale (notebooks/scaling, about 6 h on 2 CPU cores, its
 # runs one at a time; MPNet-base is a large asset): writes figures/scaling.* and results/scaling_*.csv.
 scaling: assets
 	$(PY) -m coalora.assets fetch --large

@@ -39,7 +39,8 @@ n_trains = [2048, 4096, 8192]      # training sentences; at 2 epochs of 32: 128,
 mpnet_n_trains = [2048]            # MPNet-base is about 5x slower per step
 mpnet_seeds = [0, 1, 2]
 # backbone -> training sentences run again with backbone_dropout=0: each backbone's first size (beside its
-# checkpoint-dropout twin), and MPNet-base at twice the steps, where its shared adapters leave the 2.5-bit plateau
+# checkpoint-dropout twin), and MPNet-base at twice the steps: whether more training lifts its shared adapters
+# off the 2.5-bit plateau
 dropout_off_n_trains = {"minilm-l6": [2048], "mpnet-base": [2048, 4096]}
 probe_budgets = [None, 4.0, 3.0, 2.5]   # None: full precision
 probe_sentences = 512

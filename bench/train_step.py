@@ -6,7 +6,9 @@ summed) in fp32 and under `torch.autocast(dtype=torch.bfloat16)`, after warm-up 
 cached; in bf16 the frozen base weights are held in bf16 as training holds them (`--no-held`: in fp32,
 cast again at every forward). The floor of a step is its FLOPs (counted by `torch.utils.flop_counter` over
 forward and backward) divided by the measured throughput of a large matmul in the same precision; the ratio
-says how far the step is from what the arithmetic alone would take. Results: docs/measurements.md#training-step.
+says how far the step is from what the arithmetic alone would take. One profiled step then splits the
+time by kind of op (`KINDS`): the matmuls against the same floor, and what the FLOP count does not see.
+Results: docs/measurements.md#training-step.
 
 Run: `.venv/bin/python bench/train_step.py` on an otherwise idle machine (part of `make bench`);
 `--quick` times one step of each, to check that the benchmark runs; `--threads 1` in two shells at once
@@ -19,6 +21,7 @@ import statistics
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from coalora import QuantSpace, allocate, build_lora_model, load_backbone, load_task, set_configuration
@@ -27,6 +30,14 @@ from coalora.models import matrix_layout
 from coalora.training import held_weights
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+# Kind of op -> the aten ops whose self time it sums; the rest of a step's ops count as "other". Dropout's
+# masks are apart because on CPUs that are not Intel's, PyTorch draws them one element at a time from its
+# Mersenne Twister (its vectorised MKL Bernoulli is taken on Intel CPUs only).
+KINDS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "dropout masks": ("aten::bernoulli_",),
+    "casts": ("aten::copy_",),
+}
 
 
 def matmul_gflops(dtype: torch.dtype, size: int, repeats: int) -> float:
@@ -36,6 +47,15 @@ def matmul_gflops(dtype: torch.dtype, size: int, repeats: int) -> float:
     for _ in range(repeats):
         a @ b
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def time_by_kind(step) -> dict[str, float]:
+    """Seconds of one call of `step` per kind of `KINDS` (self CPU time of its ops), and "other"."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    self_seconds = {event.key: event.self_cpu_time_total / 1e6 for event in prof.key_averages()}
+    kinds = {kind: sum(self_seconds.get(op, 0.0) for op in ops) for kind, ops in KINDS.items()}
+    return dict(kinds, other=sum(self_seconds.values()) - sum(kinds.values()))
 
 
 def main() -> None:
@@ -92,11 +112,14 @@ def main() -> None:
                     start = time.perf_counter()
                     step(dtype)
                     seconds.append(time.perf_counter() - start)
+                kinds = time_by_kind(lambda: step(dtype))
             median = statistics.median(seconds)
             floor = counter.get_total_flops() / (throughput[name] * 1e9)
             print(f"{method:8s} (K={k}) {name}: {median:.3f} s/step, {counter.get_total_flops() / 1e9:.1f} GFLOP, "
                   f"floor {floor:.3f} s, {median / floor:.1f} x the floor "
                   f"(batch {tuple(batch['input_ids'].shape)})")
+            print(f"{'':14s}profiled step: " + ", ".join(f"{kind} {s:.3f} s" for kind, s in kinds.items())
+                  + f"; matmul alone {kinds['matmul'] / floor:.1f} x the floor")
 
 
 if __name__ == "__main__":

@@ -126,6 +126,8 @@ class RunSpec:
                 "task": task_identity(self.task), "backbone": models.backbone_identity(resolved.backbone)}
         if resolved.hp.backbone_dropout is None:  # the checkpoint's dropout: the key runs had before the knob
             del data["hp"]["backbone_dropout"]
+        if resolved.hp.pool_draw == "uniform":  # the paper's draw: the key runs had before the knob
+            del data["hp"]["pool_draw"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -48,6 +48,12 @@ PRECISIONS = ("fp32", "bf16")
 # "linear": every learning rate falls linearly to 0 over an adapter's steps, so the adapter kept is not
 # one noisy step of a constant rate; "constant": the paper's code (no scheduler).
 LR_SCHEDULES = ("linear", "constant")
+# How the pool methods draw their K configurations per step. "uniform": K distinct ones, each equally
+# likely, as the paper's code does. "by-error": K distinct ones, each drawn in proportion to 2^-bits,
+# the rate at which NF's quantization error shrinks per bit, so a configuration is trained about as
+# often as it is damaged: on a pool over 2.25-7.25 bits the uniform draw gives the lowest budgets
+# too few forwards to learn (docs/measurements.md#the-low-bit-gap-of-the-pool).
+POOL_DRAWS = ("uniform", "by-error")
 FULL_PRECISION = "full-precision"  # what `Trained.trained_on` and result rows call the unquantized weights
 # LQ-LoRA alternates until ||W - Q - L|| stops falling, at most 100 times in the original. The error
 # keeps falling slowly for long (MiniLM-L6's first FFN matrix at 2.5 bits: 9.26 after one iteration,
@@ -86,6 +92,7 @@ class HyperParams:
     # between seeds (CoA-LoRA) and up to 11.6 between runs; decayed, over 1.0
     # (docs/measurements.md#the-low-bit-gap-of-the-pool).
     lr_schedule: str = "linear"  # one of LR_SCHEDULES
+    pool_draw: str = "uniform"  # one of POOL_DRAWS; "uniform" is the paper's
 
     def __post_init__(self):
         for name in ("rank", "alpha", "epochs", "configs_per_step", "micro_batches"):
@@ -102,6 +109,7 @@ class HyperParams:
                 raise ValueError(f"{name} must be positive, got {value}")
         check_name(self.precision, PRECISIONS, "precision")
         check_name(self.lr_schedule, LR_SCHEDULES, "learning-rate schedule")
+        check_name(self.pool_draw, POOL_DRAWS, "pool draw")
 
 
 @dataclass
@@ -178,6 +186,20 @@ def _backward(model, accelerator: Accelerator, parts: list[tuple[float, dict]], 
         accelerator.backward(loss)
         total += loss.item()
     return total
+
+
+def draw_configurations(rng: random.Random, pool: Sequence[Configuration], k: int,
+                        mode: str = "uniform") -> list[Configuration]:
+    """min(k, len(pool)) distinct configurations of `pool`, drawn with `rng` as POOL_DRAWS[mode] says."""
+    k = min(k, len(pool))
+    if check_name(mode, POOL_DRAWS, "pool draw") == "uniform":
+        return rng.sample(list(pool), k)
+    left = list(pool)
+    drawn = []
+    for _ in range(k):  # one at a time, each in proportion to its weight among those left
+        pick = rng.choices(range(len(left)), weights=[2.0 ** -c.avg_bits for c in left])[0]
+        drawn.append(left.pop(pick))
+    return drawn
 
 
 def lr_factor(schedule: str, step: int, total_steps: int) -> float:
@@ -453,7 +475,7 @@ def train(method: str, model: torch.nn.Module, configurations: Sequence[Configur
             return [rng.choice(pool)]
     else:
         def pick():
-            return rng.sample(pool, min(hp.configs_per_step, len(pool)))
+            return draw_configurations(rng, pool, hp.configs_per_step, hp.pool_draw)
 
     start = time.perf_counter()
 

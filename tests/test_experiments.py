@@ -98,6 +98,16 @@ def test_the_learning_rate_schedule_splits_runs():
     assert constant.key() != spec("qlora").key()
 
 
+def test_pool_draw_by_error_splits_runs_and_draws_other_configurations(runs_in_tmp):
+    uniform = spec("coalora", hp=HyperParams(epochs=1, configs_per_step=1))
+    by_error = spec("coalora", hp=HyperParams(epochs=1, configs_per_step=1, pool_draw="by-error"))
+    assert by_error.key() != uniform.key()
+    assert uniform.key() == spec("coalora", hp=HyperParams(epochs=1, configs_per_step=1, pool_draw="uniform")).key()
+    drawn = {name: list(experiments.training_steps(s)["configuration_id"]) for name, s in
+             (("uniform", uniform), ("by-error", by_error))}
+    assert drawn["uniform"] != drawn["by-error"]
+
+
 def test_backbone_dropout_off_splits_runs_and_silences_every_dropout_layer():
     off = spec("qlora", hp=HyperParams(epochs=1, configs_per_step=8, backbone_dropout=0.0)).resolved()
     assert off.key() != spec("qlora").key()

@@ -1,6 +1,10 @@
 """The training engine on a tiny randomly initialised BERT (unit test only): every method learns a
 learnable toy task, keeps per-configuration adapters apart, and rejects bad input."""
 
+import random
+from collections import Counter
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -12,7 +16,8 @@ from coalora.configs import Configuration, LayerQuant, QuantSpace
 from coalora.methods import METHODS
 from coalora.metrics import evaluate
 from coalora.quant import fake_quantize
-from coalora.training import MAX_LQLORA_ITERATIONS, HyperParams, low_rank_fit, lr_factor, micro_batches, train
+from coalora.training import (MAX_LQLORA_ITERATIONS, HyperParams, draw_configurations, low_rank_fit, lr_factor,
+                              micro_batches, train)
 
 NF = QuantSpace.nf()
 VOCAB = 32
@@ -261,3 +266,19 @@ def test_linear_schedule_falls_to_near_zero_and_constant_stays():
     assert {lr_factor("constant", s, 4) for s in range(4)} == {1.0}
     with pytest.raises(ValueError, match="'cosine'.*linear, constant"):
         HyperParams(lr_schedule="cosine")
+
+
+def test_uniform_draw_is_the_papers_sample_and_by_error_favours_the_low_bits():
+    pool = [SimpleNamespace(avg_bits=b) for b in (2.25, 2.5, 4.0, 7.25)]
+    for seed in range(5):  # the paper's draw, so uniform runs keep their draws
+        assert draw_configurations(random.Random(seed), pool, 2) == random.Random(seed).sample(pool, 2)
+    assert len(draw_configurations(random.Random(0), pool, 9, "by-error")) == len(pool)
+    rng = random.Random(0)
+    pairs = [draw_configurations(rng, pool, 2, "by-error") for _ in range(4000)]
+    assert all(a is not b for a, b in pairs)  # K distinct configurations
+    singles = Counter(draw_configurations(rng, pool, 1, "by-error")[0].avg_bits for _ in range(20000))
+    weights = {c.avg_bits: 2.0 ** -c.avg_bits for c in pool}
+    for bits, weight in weights.items():  # each drawn in proportion to 2^-bits
+        assert abs(singles[bits] / 20000 - weight / sum(weights.values())) < 0.015, bits
+    with pytest.raises(ValueError, match="'lowest'.*uniform, by-error"):
+        HyperParams(pool_draw="lowest")

@@ -36,7 +36,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 KINDS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
     "dropout masks": ("aten::bernoulli_",),
-    "casts": ("aten::copy_",),
+    "copies": ("aten::copy_",),  # mostly autocast's casts
 }
 
 

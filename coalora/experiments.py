@@ -114,8 +114,11 @@ class RunSpec:
 
     def _hp(self, size, preset) -> HyperParams:
         hp = self.hp or HyperParams(epochs=size.epochs, precision=preset.precision)
-        # theta's learning rate cannot change a method without theta: one cache key for equal runs.
-        return hp if get_method(self.method).theta else replace(hp, theta_lr=None)
+        # theta's learning rate cannot change a method without theta, nor the pool draw a method without a
+        # pool: one cache key for equal runs.
+        method = get_method(self.method)
+        hp = hp if method.theta else replace(hp, theta_lr=None)
+        return hp if method.training == "pool" else replace(hp, pool_draw="uniform")
 
     def key(self) -> str:
         """Content hash of the resolved spec and RUN_VERSION."""
@@ -126,7 +129,7 @@ class RunSpec:
                 "task": task_identity(self.task), "backbone": models.backbone_identity(resolved.backbone)}
         if resolved.hp.backbone_dropout is None:  # the checkpoint's dropout: the key runs had before the knob
             del data["hp"]["backbone_dropout"]
-        if resolved.hp.pool_draw == "uniform":  # the paper's draw: the key runs had before the knob
+        if resolved.hp.pool_draw == "uniform":  # the paper's draw, left out so its runs keep their keys
             del data["hp"]["pool_draw"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

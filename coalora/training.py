@@ -49,10 +49,10 @@ PRECISIONS = ("fp32", "bf16")
 # one noisy step of a constant rate; "constant": the paper's code (no scheduler).
 LR_SCHEDULES = ("linear", "constant")
 # How the pool methods draw their K configurations per step. "uniform": K distinct ones, each equally
-# likely, as the paper's code does. "by-error": K distinct ones, each drawn in proportion to 2^-bits,
-# the rate at which NF's quantization error shrinks per bit, so a configuration is trained about as
-# often as it is damaged: on a pool over 2.25-7.25 bits the uniform draw gives the lowest budgets
-# too few forwards to learn (docs/measurements.md#the-low-bit-gap-of-the-pool).
+# likely, as the paper's code does. "by-error": K distinct ones drawn one at a time, each in proportion
+# to 2^-bits among those left (NF's quantization error roughly halves with every bit), so the most
+# damaged configurations train most: on a pool over 2.25-7.25 bits the uniform draw gives the lowest
+# budgets too few forwards to learn (docs/measurements.md#the-low-bit-gap-of-the-pool).
 POOL_DRAWS = ("uniform", "by-error")
 FULL_PRECISION = "full-precision"  # what `Trained.trained_on` and result rows call the unquantized weights
 # LQ-LoRA alternates until ||W - Q - L|| stops falling, at most 100 times in the original. The error
@@ -190,7 +190,7 @@ def _backward(model, accelerator: Accelerator, parts: list[tuple[float, dict]], 
 
 def draw_configurations(rng: random.Random, pool: Sequence[Configuration], k: int,
                         mode: str = "uniform") -> list[Configuration]:
-    """min(k, len(pool)) distinct configurations of `pool`, drawn with `rng` as POOL_DRAWS[mode] says."""
+    """min(k, len(pool)) distinct configurations of `pool`, drawn with `rng` as `mode` (one of POOL_DRAWS) says."""
     k = min(k, len(pool))
     if check_name(mode, POOL_DRAWS, "pool draw") == "uniform":
         return rng.sample(list(pool), k)

@@ -106,6 +106,8 @@ def test_pool_draw_by_error_splits_runs_and_draws_other_configurations(runs_in_t
     drawn = {name: list(experiments.training_steps(s)["configuration_id"]) for name, s in
              (("uniform", uniform), ("by-error", by_error))}
     assert drawn["uniform"] != drawn["by-error"]
+    qlora = spec("qlora", hp=HyperParams(epochs=1, configs_per_step=1, pool_draw="by-error"))
+    assert qlora.key() == spec("qlora", hp=HyperParams(epochs=1, configs_per_step=1)).key()  # no pool to draw from
 
 
 def test_backbone_dropout_off_splits_runs_and_silences_every_dropout_layer():

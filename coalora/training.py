@@ -93,9 +93,9 @@ class HyperParams:
     # (docs/measurements.md#the-low-bit-gap-of-the-pool).
     lr_schedule: str = "linear"  # one of LR_SCHEDULES
     # The paper's uniform draw. "by-error" steadies the lowest budget where the uniform one starves it (the
-    # causal LM's 2.5-bit seeds agree; on MPNet-base every pool run gains at 2.5 bits and none collapses),
-    # but over three seeds no gain over the uniform draw holds its interval, on the default preset or on
-    # MPNet-base (docs/measurements.md#the-low-bit-gap-of-the-pool, #the-scaling-study).
+    # causal LM's 2.5-bit seeds agree), but it does not stop a 2.5-bit collapse (MPNet-base: one seed of
+    # five) and no gain over the uniform draw holds its interval, on the default preset or on MPNet-base
+    # (docs/measurements.md#the-low-bit-gap-of-the-pool, #the-scaling-study).
     pool_draw: str = "uniform"  # one of POOL_DRAWS
 
     def __post_init__(self):

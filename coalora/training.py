@@ -92,6 +92,10 @@ class HyperParams:
     # between seeds (CoA-LoRA) and up to 11.6 between runs; decayed, over 1.0
     # (docs/measurements.md#the-low-bit-gap-of-the-pool).
     lr_schedule: str = "linear"  # one of LR_SCHEDULES
+    # The share of all steps over which every learning rate rises linearly from 0 before the schedule
+    # runs. 0, as the paper's code: warm-up is the option for a shared adapter whose lowest budget
+    # collapses in the first steps (docs/measurements.md#the-scaling-study).
+    warmup: float = 0.0
     # The paper's uniform draw. "by-error" steadies the lowest budget where the uniform one starves it (the
     # causal LM's 2.5-bit seeds agree), but it does not stop a 2.5-bit collapse (MPNet-base: one seed of
     # five) and no gain over the uniform draw holds its interval, on the default preset or on MPNet-base
@@ -113,6 +117,9 @@ class HyperParams:
                 raise ValueError(f"{name} must be positive, got {value}")
         check_name(self.precision, PRECISIONS, "precision")
         check_name(self.lr_schedule, LR_SCHEDULES, "learning-rate schedule")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a share of the training steps in [0, 1), got {self.warmup}")
+        object.__setattr__(self, "warmup", float(self.warmup))  # 0 and 0.0 are one run: one cache key
         check_name(self.pool_draw, POOL_DRAWS, "pool draw")
 
 
@@ -206,12 +213,16 @@ def draw_configurations(rng: random.Random, pool: Sequence[Configuration], k: in
     return drawn
 
 
-def lr_factor(schedule: str, step: int, total_steps: int) -> float:
-    """The learning rate of step `step` (0-based) of `total_steps`, as a fraction of the base rate;
+def lr_factor(schedule: str, step: int, total_steps: int, warmup: float = 0.0) -> float:
+    """The learning rate of step `step` (0-based) of `total_steps`, as a fraction of the base rate:
+    (step + 1) / W over the first W = ceil(warmup x total_steps) steps, then the schedule over the rest;
     from the step count alone, so a resumed run continues its schedule."""
+    ramp = math.ceil(warmup * total_steps)
+    if step < ramp:
+        return (step + 1) / ramp
     if check_name(schedule, LR_SCHEDULES, "learning-rate schedule") == "constant":
         return 1.0
-    return 1.0 - step / total_steps
+    return 1.0 - (step - ramp) / (total_steps - ramp)
 
 
 def _run_epochs(model, accelerator: Accelerator, batches: DataLoader, hp: HyperParams,
@@ -253,7 +264,7 @@ def _run_epochs(model, accelerator: Accelerator, batches: DataLoader, hp: HyperP
                     steps.append((adapter, epoch, step, key, loss))
                     total, count = total + loss, count + 1
                 accelerator.clip_grad_norm_(params, hp.clip)
-                factor = lr_factor(hp.lr_schedule, epoch * len(batches) + step, total_steps)
+                factor = lr_factor(hp.lr_schedule, epoch * len(batches) + step, total_steps, hp.warmup)
                 for group, lr in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = lr * factor
                 optimizer.step()

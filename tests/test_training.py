@@ -268,6 +268,14 @@ def test_linear_schedule_falls_to_near_zero_and_constant_stays():
         HyperParams(lr_schedule="cosine")
 
 
+def test_warmup_ramps_from_near_zero_then_runs_the_schedule_over_the_rest():
+    assert [lr_factor("linear", s, 10, 0.2) for s in range(10)] == [0.5, 1.0] + [1 - k / 8 for k in range(8)]
+    assert [lr_factor("constant", s, 8, 0.5) for s in range(8)] == [0.25, 0.5, 0.75, 1.0] + [1.0] * 4
+    assert [lr_factor("linear", s, 4, 0.0) for s in range(4)] == [lr_factor("linear", s, 4) for s in range(4)]
+    with pytest.raises(ValueError, match="warmup is a share of the training steps in \\[0, 1\\), got 1.0"):
+        HyperParams(warmup=1.0)
+
+
 def test_uniform_draw_is_the_papers_sample_and_by_error_favours_the_low_bits():
     pool = [SimpleNamespace(avg_bits=b) for b in (2.25, 2.5, 4.0, 7.25)]
     for seed in range(5):  # the paper's draw, so uniform runs keep their draws

@@ -95,11 +95,37 @@ def test_allocate_writes_a_configuration_at_the_budget(home, tmp_path, capsys):
      "invalid choice: 'regression'"),
     (["train", "--model", "minilm-l6", "--data", "x.csv", "--task-type", "classification", "--n-train", "0",
       "--out", "o"], "must be a whole number >= 1, got '0'"),
+    (["train", "--model", "minilm-l6", "--data", "x.csv", "--task-type", "classification", "--warmup", "1",
+      "--out", "o"], "share of the training steps in \\[0, 1\\), e.g. 0.1; got '1'"),
 ])
 def test_bad_arguments_name_the_bad_value(argv, message, capsys):
     with pytest.raises(SystemExit):
         cli.main(argv)
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_train_warmup_reaches_the_run_and_its_default_is_the_presets_run(home, tmp_path, monkeypatch):
+    from coalora import experiments
+    from coalora.experiments import RunSpec
+
+    seen = []
+
+    def record(spec, *args, **kwargs):
+        seen.append(spec)
+        raise KeyboardInterrupt  # stop before training: only the spec is under test
+
+    monkeypatch.setattr(experiments, "run_experiment", record)
+    data = tmp_path / "x.csv"
+    data.write_text("text,label\n" + "\n".join(f"row {i},{i % 2}" for i in range(20)) + "\n")
+    argv = ["train", "--model", "minilm-l6", "--data", str(data), "--task-type", "classification",
+            "--preset", "smoke"]
+    for extra in (["--warmup", "0.1"], []):
+        with pytest.raises(KeyboardInterrupt):
+            cli.main(argv + extra + ["--out", str(tmp_path / "out")])
+    warm, plain = seen
+    assert warm.hp.warmup == 0.1 and plain.hp.warmup == 0.0
+    assert plain.key() == RunSpec(preset="smoke", task=plain.task, method="coalora", backbone="minilm-l6",
+                                  size=plain.size).key()  # no --warmup: the run the preset alone would make
 
 
 def test_bad_input_files_are_a_clear_error_and_write_nothing(home, model_folder, tmp_path, capsys):

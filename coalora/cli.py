@@ -44,16 +44,15 @@ def _train(args) -> int:
     from coalora.experiments import RunSpec, run_experiment, trained_model
     from coalora.presets import preset
     from coalora.repro import processes
-    from coalora.training import HyperParams
 
     out = _fresh_out(args.out, args.overwrite)
     data = DataSpec(args.data, args.task_type, text=args.text, text_pair=args.text_pair, label=args.label,
                     dev=args.dev, seed=args.seed)
     size = preset(args.preset).size(args.task_type)
     size = replace(size, **{k: v for k, v in (("epochs", args.epochs), ("n_train", args.n_train)) if v is not None})
-    hp = HyperParams(epochs=size.epochs, precision=preset(args.preset).precision, warmup=args.warmup)
     spec = RunSpec(preset=args.preset, task=data, method=args.method, quantizer=args.quantizer, seed=args.seed,
-                   backbone=args.model, size=size, hp=hp, weighting=args.weighting)
+                   backbone=args.model, size=size, weighting=args.weighting)
+    spec = replace(spec, hp=replace(spec.resolved().hp, warmup=args.warmup))  # the preset's, warm-up set
     rows = run_experiment(spec)
     model = trained_model(spec)
     saved = model.save_pretrained(out)  # under `accelerate launch`, the main process writes

@@ -394,6 +394,34 @@ def theta_off_rows(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
     return _cached_rows(spec, "theta_off.csv", recompute, compute)
 
 
+def theta_told_predictions(spec: RunSpec, budget: float, recompute: bool = False) -> dict[str, np.ndarray]:
+    """A CoA-LoRA run's target configurations scored again with theta told another configuration,
+    the ILP's at `budget`, while each keeps its own quantized weights: per-example results by target
+    configuration id, as `predictions`. Equal to the run's own where theta ignores the configuration
+    it is told. Cached as theta_told_<budget>.npz."""
+    spec = spec.resolved()
+    if not get_method(spec.method).theta:
+        raise ValueError(f"telling theta a configuration needs a method with theta, got {spec.method!r}")
+    run_experiment(spec)
+    path = run_dir(spec) / f"theta_told_{budget:g}.npz"
+    state = processes()
+    if from_main(not path.exists() or recompute):
+        task, trained, dev_batches, chance = _reloaded(spec)
+        theta = trained.model.theta
+        told = theta.config_index(_allocate(spec, budget))
+        # set_configuration feeds theta the index theta.config_index returns; the weights stay each row's own.
+        theta.config_index = lambda configuration: told
+        targets = [e for e in evaluation_configurations(spec, trained.model.layout) if e[0] == "target"]
+        found = _score(spec, task, trained, targets, dev_batches, chance)[1]
+        if state.is_main_process:
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez_compressed(f, **found)
+        state.wait_for_everyone()
+    with np.load(path) as data:
+        return {name: data[name] for name in data.files}
+
+
 def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
     """Tidy result rows of `spec`, from the cache when present (unless `recompute`)."""
     spec = spec.resolved()

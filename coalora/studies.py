@@ -278,6 +278,50 @@ def head_features(specs: Sequence[RunSpec], recompute: bool = False) -> pd.DataF
     return pd.DataFrame(out)
 
 
+def theta_adjustments(specs: Sequence[RunSpec]) -> pd.DataFrame:
+    """How far theta moves a trained run's shared LoRA at each target budget, as a share of that LoRA:
+    `adjustment` is the mean over matrices of ||B (M_i - I) A|| / ||B A|| (Frobenius norms; M_i = I +
+    gamma U_i), and `configuration_part` the same for M_i minus its mean over the run's target
+    configurations, the part of the adjustment that depends on the configuration. Both are 0 when theta
+    does nothing. For runs of a method with theta; reads the cached adapter."""
+    import torch
+
+    from coalora.lora import ADAPTER
+
+    out = []
+    for spec in specs:
+        spec = spec.resolved()
+        if not METHODS[spec.method].theta:
+            raise ValueError(f"theta's adjustments need a method with theta, got {spec.method!r}; choose among "
+                             f"{', '.join(m for m, v in METHODS.items() if v.theta)}")
+        targets = run_experiment(spec).query("configuration_set == 'target'").sort_values("budget")
+        model = experiments.trained_model(spec)
+        configurations = [experiments._allocate(spec, b) for b in targets["budget"]]
+        assert [c.digest() for c in configurations] == list(targets["configuration_id"]), "budgets allocate anew"
+        with torch.no_grad():
+            theta = model.theta
+            m = torch.stack([theta.adjustments(theta.config_index(c)) for c in configurations])  # [C, N, r, r]
+            layers = list(model.lora_layers.values())
+            # ||B D A||^2 = tr(D^T (B^T B) D (A A^T)): r x r Gram matrices instead of out x in products.
+            gram_b = torch.stack([la.lora_B[ADAPTER].weight.float().T @ la.lora_B[ADAPTER].weight.float()
+                                  for la in layers])  # [N, r, r]
+            gram_a = torch.stack([la.lora_A[ADAPTER].weight.float() @ la.lora_A[ADAPTER].weight.float().T
+                                  for la in layers])  # [N, r, r]
+
+            def norm(d: torch.Tensor) -> torch.Tensor:  # d [N, r, r] -> ||B_i d_i A_i|| [N]
+                return torch.einsum("nji,njk,nkl,nil->n", d, gram_b, d, gram_a).clamp_min(0).sqrt()
+
+            eye = torch.eye(theta.rank).expand(len(layers), -1, -1)
+            plain = norm(eye)  # ||B_i A_i||
+            for k, budget in enumerate(targets["budget"]):
+                out.append({"method": spec.method, "seed": spec.seed, "theta_lr": spec.hp.theta_lr,
+                            "warmup": spec.hp.warmup, "budget": float(budget),
+                            "adjustment": float((norm(m[k] - eye) / plain).mean()),
+                            "configuration_part": float((norm(m[k] - m.mean(0)) / plain).mean()),
+                            "gamma": float(theta.gamma)})
+    return pd.DataFrame(out)
+
+
 def _probe_accuracy(fit_x, fit_y, test_x, test_y) -> float:
     """Accuracy on (test_x, test_y) of multinomial logistic regression fitted by L-BFGS to standardised
     (fit_x [N, H], fit_y [N]) with an L2 penalty of 1/2 ||W||^2 on the summed loss."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from coalora import experiments, lora, models
-from coalora.configs import Configuration
+from coalora.configs import Configuration, QuantSpace
 from coalora.experiments import RunSpec, run_experiment
 from coalora.presets import RunSize
 from coalora.search import SearchConfig
@@ -344,6 +344,54 @@ def test_theta_off_rescores_every_configuration_of_the_run(runs_in_tmp):
     assert (off["search"] == "frozen").all() and (runs_in_tmp / run.key() / "theta_off.csv").exists()
     with pytest.raises(ValueError, match="needs a method with theta"):
         experiments.theta_off_rows(spec("qlora"))
+
+
+def test_theta_told_another_configuration_keeps_each_rows_weights(runs_in_tmp, monkeypatch):
+    from coalora.hypernet import ConfigAwareModel
+
+    run = spec("coalora", eval_budgets=(2.5, 4.0))
+    own = experiments.predictions(run)
+    told_index = experiments._allocate(run.resolved(), 4.0).encode(QuantSpace.nf())
+    seen = []
+    adjustments = ConfigAwareModel.adjustments
+
+    def spy(self, index):  # the index theta is fed at every forward
+        seen.append(index)
+        return adjustments(self, index)
+    monkeypatch.setattr(ConfigAwareModel, "adjustments", spy)
+    told = experiments.theta_told_predictions(run, 4.0)
+    targets = run_experiment(run).query("configuration_set == 'target'").sort_values("budget")["configuration_id"]
+    assert sorted(told) == sorted(targets)
+    assert (told[targets.iloc[1]] == own[targets.iloc[1]]).all()  # told its own configuration: the run's scores
+    assert seen and all((index.flatten() == torch.as_tensor(told_index)).all() for index in seen)
+    monkeypatch.setattr(experiments, "_reloaded", None)  # a second call reads the cached file
+    assert all((experiments.theta_told_predictions(run, 4.0)[c] == told[c]).all() for c in told)
+    with pytest.raises(ValueError, match="needs a method with theta, got 'shared'"):
+        experiments.theta_told_predictions(spec("shared"), 4.0)
+
+
+def test_theta_adjustments_measure_how_far_theta_moves_the_shared_lora(runs_in_tmp):
+    from coalora import studies
+
+    run = spec("coalora", eval_budgets=(2.5, 4.0))
+    found = studies.theta_adjustments([run])
+    assert list(found["budget"]) == [2.5, 4.0] and (found["adjustment"] > 0).all()
+    # The same share computed the long way: B M A - B A from the materialized adapter, matrix by matrix.
+    model = experiments.trained_model(run)
+    configuration = experiments._allocate(run.resolved(), 2.5)
+    state = lora.materialize(model, configuration).state_dict
+    shares = []
+    for name, layer in model.lora_layers.items():
+        a, b = (layer.lora_A[lora.ADAPTER].weight.detach().float(),
+                layer.lora_B[lora.ADAPTER].weight.detach().float())
+        adjusted = state[f"{lora._SAVED_PREFIX}{name}.lora_A.weight"].detach().float()
+        shares.append(float(torch.linalg.norm(b @ (adjusted - a)) / torch.linalg.norm(b @ a)))
+    assert found["adjustment"].iloc[0] == pytest.approx(sum(shares) / len(shares), rel=1e-3)
+    # Two budgets: each sits as far from their mean as the other.
+    part = found["configuration_part"]
+    assert part.iloc[0] == pytest.approx(part.iloc[1], rel=1e-3) and (part > 0).all()
+    with pytest.raises(ValueError, match="got 'shared'; choose among .*coalora"):
+        studies.theta_adjustments([spec("shared")])
 
 
 def test_head_features_read_the_trained_adapter_at_each_target_and_are_cached(runs_in_tmp, monkeypatch):

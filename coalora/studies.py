@@ -297,7 +297,10 @@ def theta_adjustments(specs: Sequence[RunSpec]) -> pd.DataFrame:
         targets = run_experiment(spec).query("configuration_set == 'target'").sort_values("budget")
         model = experiments.trained_model(spec)
         configurations = [experiments._allocate(spec, b) for b in targets["budget"]]
-        assert [c.digest() for c in configurations] == list(targets["configuration_id"]), "budgets allocate anew"
+        for c, budget, cid in zip(configurations, targets["budget"], targets["configuration_id"]):
+            if c.digest() != cid:
+                raise ValueError(f"budget {budget} now allocates configuration {c.digest()}, but the run in "
+                                 f"{run_dir(spec)} was scored on {cid}; recompute the run (recompute=True)")
         with torch.no_grad():
             theta = model.theta
             m = torch.stack([theta.adjustments(theta.config_index(c)) for c in configurations])  # [C, N, r, r]
@@ -311,7 +314,7 @@ def theta_adjustments(specs: Sequence[RunSpec]) -> pd.DataFrame:
             def norm(d: torch.Tensor) -> torch.Tensor:  # d [N, r, r] -> ||B_i d_i A_i|| [N]
                 return torch.einsum("nji,njk,nkl,nil->n", d, gram_b, d, gram_a).clamp_min(0).sqrt()
 
-            eye = torch.eye(theta.rank).expand(len(layers), -1, -1)
+            eye = torch.eye(theta.rank, device=m.device).expand(len(layers), -1, -1)
             plain = norm(eye)  # ||B_i A_i||
             for k, budget in enumerate(targets["budget"]):
                 out.append({"method": spec.method, "seed": spec.seed, "theta_lr": spec.hp.theta_lr,

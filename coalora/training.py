@@ -83,11 +83,11 @@ class HyperParams:
     clip: float = 1.0
     micro_batches: int = 2  # a padded classification batch runs as this many length-sorted parts
     precision: str = "fp32"  # "bf16": forward and backward under bf16 autocast (AVX-512 BF16 CPUs, GPUs)
-    # theta's own learning rate (None: lr). The paper's 1e-4, ten times below this LoRA's raised rate. At a
-    # constant rate 1e-3 made one seed collapse at 2.5 bits (docs/measurements.md#thetas-learning-rate).
-    # Under the decay 1e-3 is stable and moves the LoRA nine times further (31 % against 3.5 %), but its
-    # gain is unresolved (SST-2: +0.04 [-0.31, +0.38] points; the causal LM: -0.07 [-0.15, +0.00] in
-    # log-perplexity), too little to move every committed CoA-LoRA run (docs/measurements.md#what-theta-adds).
+    # theta's own learning rate (None: lr). The paper's 1e-4, ten times below this LoRA's raised rate, which
+    # keeps theta near the identity. At the LoRA's rate and a constant schedule one seed collapsed; under the
+    # decay none did, but theta's gain over its theta-free twin stays unresolved on SST-2 and the causal LM:
+    # too little to justify recomputing every committed CoA-LoRA run
+    # (docs/measurements.md#thetas-learning-rate, #what-theta-adds).
     theta_lr: float | None = 1e-4
     # The default decays: at a constant rate the pool methods' 2.5-bit accuracy spread over 3.8 points
     # between seeds (CoA-LoRA) and up to 11.6 between runs; decayed, over 1.0

@@ -352,16 +352,21 @@ def test_theta_told_another_configuration_keeps_each_rows_weights(runs_in_tmp, m
     run = spec("coalora", eval_budgets=(2.5, 4.0))
     own = experiments.predictions(run)
     told_index = experiments._allocate(run.resolved(), 4.0).encode(QuantSpace.nf())
-    seen = []
-    adjustments = ConfigAwareModel.adjustments
+    seen, weights = [], set()
+    adjustments, forward = ConfigAwareModel.adjustments, lora.CoALoRAModel.forward
 
-    def spy(self, index):  # the index theta is fed at every forward
+    def spy_theta(self, index):  # the index theta is fed at every forward
         seen.append(index)
         return adjustments(self, index)
-    monkeypatch.setattr(ConfigAwareModel, "adjustments", spy)
+
+    def spy_model(self, *args, **kwargs):  # the configuration whose quantized weights the forward runs
+        weights.add(self.configuration.digest())
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(ConfigAwareModel, "adjustments", spy_theta)
+    monkeypatch.setattr(lora.CoALoRAModel, "forward", spy_model)
     told = experiments.theta_told_predictions(run, 4.0)
     targets = run_experiment(run).query("configuration_set == 'target'").sort_values("budget")["configuration_id"]
-    assert sorted(told) == sorted(targets)
+    assert sorted(told) == sorted(targets) and weights == set(targets)
     assert (told[targets.iloc[1]] == own[targets.iloc[1]]).all()  # told its own configuration: the run's scores
     assert seen and all((index.flatten() == torch.as_tensor(told_index)).all() for index in seen)
     monkeypatch.setattr(experiments, "_reloaded", None)  # a second call reads the cached file
@@ -378,18 +383,19 @@ def test_theta_adjustments_measure_how_far_theta_moves_the_shared_lora(runs_in_t
     assert list(found["budget"]) == [2.5, 4.0] and (found["adjustment"] > 0).all()
     # The same share computed the long way: B M A - B A from the materialized adapter, matrix by matrix.
     model = experiments.trained_model(run)
-    configuration = experiments._allocate(run.resolved(), 2.5)
-    state = lora.materialize(model, configuration).state_dict
-    shares = []
+    with torch.no_grad():
+        low, high = (lora.materialize(model, experiments._allocate(run.resolved(), b)).state_dict for b in (2.5, 4.0))
+    shares, parts = [], []
     for name, layer in model.lora_layers.items():
         a, b = (layer.lora_A[lora.ADAPTER].weight.detach().float(),
                 layer.lora_B[lora.ADAPTER].weight.detach().float())
-        adjusted = state[f"{lora._SAVED_PREFIX}{name}.lora_A.weight"].detach().float()
-        shares.append(float(torch.linalg.norm(b @ (adjusted - a)) / torch.linalg.norm(b @ a)))
+        key = f"{lora._SAVED_PREFIX}{name}.lora_A.weight"
+        shares.append(float(torch.linalg.norm(b @ (low[key].float() - a)) / torch.linalg.norm(b @ a)))
+        # Two budgets: each sits half their difference from their mean.
+        parts.append(float(torch.linalg.norm(b @ (low[key].float() - high[key].float())) / 2 / torch.linalg.norm(b @ a)))
     assert found["adjustment"].iloc[0] == pytest.approx(sum(shares) / len(shares), rel=1e-3)
-    # Two budgets: each sits as far from their mean as the other.
-    part = found["configuration_part"]
-    assert part.iloc[0] == pytest.approx(part.iloc[1], rel=1e-3) and (part > 0).all()
+    assert list(found["configuration_part"]) == pytest.approx([sum(parts) / len(parts)] * 2, rel=1e-3)
+    assert sum(parts) > 0
     with pytest.raises(ValueError, match="got 'shared'; choose among .*coalora"):
         studies.theta_adjustments([spec("shared")])
 

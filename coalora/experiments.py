@@ -403,7 +403,6 @@ def theta_told_predictions(spec: RunSpec, budget: float, recompute: bool = False
     if not get_method(spec.method).theta:
         raise ValueError(f"telling theta a configuration needs a method with theta, got {spec.method!r}; choose "
                          f"among {', '.join(m for m, v in METHODS.items() if v.theta)}")
-    run_experiment(spec)
     path = run_dir(spec) / f"theta_told_{budget:g}.npz"
     state = processes()
     if from_main(not path.exists() or recompute):

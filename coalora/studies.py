@@ -306,10 +306,10 @@ def theta_adjustments(specs: Sequence[RunSpec]) -> pd.DataFrame:
             m = torch.stack([theta.adjustments(theta.config_index(c)) for c in configurations])  # [C, N, r, r]
             layers = list(model.lora_layers.values())
             # ||B D A||^2 = tr(D^T (B^T B) D (A A^T)): r x r Gram matrices instead of out x in products.
-            gram_b = torch.stack([la.lora_B[ADAPTER].weight.float().T @ la.lora_B[ADAPTER].weight.float()
-                                  for la in layers])  # [N, r, r]
-            gram_a = torch.stack([la.lora_A[ADAPTER].weight.float() @ la.lora_A[ADAPTER].weight.float().T
-                                  for la in layers])  # [N, r, r]
+            bs = [la.lora_B[ADAPTER].weight.float() for la in layers]  # N x [out, r]
+            as_ = [la.lora_A[ADAPTER].weight.float() for la in layers]  # N x [r, in]
+            gram_b = torch.stack([b.T @ b for b in bs])  # [N, r, r]
+            gram_a = torch.stack([a @ a.T for a in as_])  # [N, r, r]
 
             def norm(d: torch.Tensor) -> torch.Tensor:  # d [N, r, r] -> ||B_i d_i A_i|| [N]
                 return torch.einsum("nji,njk,nkl,nil->n", d, gram_b, d, gram_a).clamp_min(0).sqrt()

@@ -95,8 +95,9 @@ class HyperParams:
     lr_schedule: str = "linear"  # one of LR_SCHEDULES
     # The share of all steps over which every learning rate rises linearly from 0 before the schedule
     # runs. 0, as the paper's code and every committed result. 0.1 is the option for a shared adapter
-    # whose lowest budget collapses to chance: on MPNet-base at 2.5 bits no warmed-up shared or pool run collapsed, the
-    # three seeds that had collapsed included (docs/measurements.md#the-scaling-study).
+    # whose lowest budget collapses to chance: on MPNet-base at 2.5 bits no warmed-up shared or pool run
+    # collapsed, the three seeds that had collapsed included; one QLoRA run still did
+    # (docs/measurements.md#the-scaling-study, #what-theta-adds).
     warmup: float = 0.0
     # The paper's uniform draw. "by-error" steadies the lowest budget where the uniform one starves it (the
     # causal LM's 2.5-bit seeds agree), but it does not stop a 2.5-bit collapse (MPNet-base: one seed of

@@ -52,7 +52,8 @@ def _train(args) -> int:
     size = replace(size, **{k: v for k, v in (("epochs", args.epochs), ("n_train", args.n_train)) if v is not None})
     spec = RunSpec(preset=args.preset, task=data, method=args.method, quantizer=args.quantizer, seed=args.seed,
                    backbone=args.model, size=size, weighting=args.weighting)
-    spec = replace(spec, hp=replace(spec.resolved().hp, warmup=args.warmup))  # the preset's, warm-up set
+    if args.warmup is not None:
+        spec = replace(spec, hp=replace(spec.resolved().hp, warmup=args.warmup))  # the preset's, warm-up set
     rows = run_experiment(spec)
     model = trained_model(spec)
     saved = model.save_pretrained(out)  # under `accelerate launch`, the main process writes
@@ -177,9 +178,9 @@ def parser() -> argparse.ArgumentParser:
                        help="run size and precision (default: default)")
     train.add_argument("--epochs", type=_positive, help="override the preset's epochs")
     train.add_argument("--n-train", type=_positive, help="override the preset's number of training examples")
-    train.add_argument("--warmup", type=_share, default=0.0,
-                       help="share of the steps over which the learning rate rises from 0 (default 0; 0.1 kept "
-                            "MPNet-base's shared adapter from collapsing at 2.5 bits)")
+    train.add_argument("--warmup", type=_share,
+                       help="share of the steps over which the learning rate rises from 0 (default: the "
+                            "preset's, 0.1; 0 as the paper's code)")
     train.add_argument("--method", default="coalora", choices=SERVING)
     train.add_argument("--quantizer", default="nf", choices=list(KINDS))
     train.add_argument("--weighting", default="fisher", choices=list(WEIGHTINGS), help="the ILP's cost")

@@ -131,7 +131,7 @@ class RunSpec:
             del data["hp"]["backbone_dropout"]
         if resolved.hp.pool_draw == "uniform":  # the paper's draw, left out so its runs keep their keys
             del data["hp"]["pool_draw"]
-        if resolved.hp.warmup == 0:  # the default, left out so runs without warm-up keep their keys
+        if resolved.hp.warmup == 0:  # the paper's no warm-up, left out so its runs keep their keys
             del data["hp"]["warmup"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -14,6 +14,7 @@ from peft import PeftModel
 from coalora import assets, cli, lora
 from coalora.configs import Configuration
 from coalora.models import load_backbone, matrix_layout
+from coalora.training import HyperParams
 
 WORDS = {"bad": ["dull", "awful", "boring", "weak"], "fine": ["plain", "average", "okay", "usual"],
          "good": ["superb", "moving", "brilliant", "sharp"]}
@@ -119,11 +120,12 @@ def test_train_warmup_reaches_the_run_and_its_default_is_the_presets_run(home, t
     data.write_text("text,label\n" + "\n".join(f"row {i},{i % 2}" for i in range(20)) + "\n")
     argv = ["train", "--model", "minilm-l6", "--data", str(data), "--task-type", "classification",
             "--preset", "smoke"]
-    for extra in (["--warmup", "0.1"], []):
+    for extra in (["--warmup", "0"], []):
         with pytest.raises(KeyboardInterrupt):
             cli.main(argv + extra + ["--out", str(tmp_path / "out")])
-    warm, plain = seen
-    assert warm.hp.warmup == 0.1 and plain.hp.warmup == 0.0
+    cold, plain = seen
+    assert cold.hp.warmup == 0.0 and plain.resolved().hp.warmup == HyperParams().warmup > 0
+    assert cold.key() != plain.key()
     assert plain.key() == RunSpec(preset="smoke", task=plain.task, method="coalora", backbone="minilm-l6",
                                   size=plain.size).key()  # no --warmup: the run the preset alone would make
 

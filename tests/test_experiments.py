@@ -110,10 +110,12 @@ def test_pool_draw_by_error_splits_runs_and_draws_other_configurations(runs_in_t
     assert qlora.key() == spec("qlora", hp=HyperParams(epochs=1, configs_per_step=1)).key()  # no pool to draw from
 
 
-def test_warmup_splits_runs_and_zero_is_the_default_run():
+def test_warmup_splits_runs_and_zero_and_zero_point_zero_are_one_run():
     plain = spec("shared", hp=HyperParams(epochs=1, configs_per_step=1))
-    assert spec("shared", hp=HyperParams(epochs=1, configs_per_step=1, warmup=0)).key() == plain.key()
-    assert spec("shared", hp=HyperParams(epochs=1, configs_per_step=1, warmup=0.1)).key() != plain.key()
+    cold = spec("shared", hp=HyperParams(epochs=1, configs_per_step=1, warmup=0))
+    assert cold.key() == spec("shared", hp=HyperParams(epochs=1, configs_per_step=1, warmup=0.0)).key()
+    assert cold.key() != plain.key()
+    assert spec("shared", hp=HyperParams(epochs=1, configs_per_step=1, warmup=0.2)).key() != plain.key()
 
 
 def test_backbone_dropout_off_splits_runs_and_silences_every_dropout_layer():

@@ -179,8 +179,8 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_positive, help="override the preset's epochs")
     train.add_argument("--n-train", type=_positive, help="override the preset's number of training examples")
     train.add_argument("--warmup", type=_share,
-                       help="share of the steps over which the learning rate rises from 0 (default: the "
-                            "preset's, 0.1; 0 as the paper's code)")
+                       help="share of the steps over which the learning rate rises from 0 (default: "
+                            "HyperParams.warmup, 0.1; 0: no warm-up, as the paper's code)")
     train.add_argument("--method", default="coalora", choices=SERVING)
     train.add_argument("--quantizer", default="nf", choices=list(KINDS))
     train.add_argument("--weighting", default="fisher", choices=list(WEIGHTINGS), help="the ILP's cost")

@@ -117,7 +117,7 @@ class RunSpec:
         # theta's learning rate cannot change a method without theta, nor the pool draw a method without a
         # pool: one cache key for equal runs.
         method = get_method(self.method)
-        hp = hp if method.theta else replace(hp, theta_lr=None)
+        hp = hp if method.theta and hp.theta_lr != hp.lr else replace(hp, theta_lr=None)  # None: the LoRA's rate
         return hp if method.training == "pool" else replace(hp, pool_draw="uniform")
 
     def key(self) -> str:
@@ -131,7 +131,7 @@ class RunSpec:
             del data["hp"]["backbone_dropout"]
         if resolved.hp.pool_draw == "uniform":  # the paper's draw, left out so its runs keep their keys
             del data["hp"]["pool_draw"]
-        if resolved.hp.warmup == 0:  # the paper's no warm-up, left out so its runs keep their keys
+        if resolved.hp.warmup == 0:  # no warm-up: out of the key, as runs without the field were keyed
             del data["hp"]["warmup"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -83,22 +83,22 @@ class HyperParams:
     clip: float = 1.0
     micro_batches: int = 2  # a padded classification batch runs as this many length-sorted parts
     precision: str = "fp32"  # "bf16": forward and backward under bf16 autocast (AVX-512 BF16 CPUs, GPUs)
-    # theta's own learning rate (None: lr). None keeps the paper's ratio, theta at the LoRA's rate: at the
-    # paper's 1e-4 beside this LoRA's raised 1e-3, theta moves the shared LoRA by 3.5 %, so CoA-LoRA would be
-    # its theta-free twin in all but name; at the LoRA's rate it moves it by 28 %. Neither rate's gain over
-    # the twin is resolved on SST-2 (MiniLM-L6 and MPNet-base) or the causal LM, and under the decaying
-    # schedule no seed at the LoRA's rate collapsed (0 of 15) (docs/measurements.md#thetas-learning-rate,
-    # #what-theta-adds).
+    # theta's own learning rate (None: lr). None keeps the paper's ratio, theta at the LoRA's rate: on
+    # MiniLM-L6 theta at the paper's 1e-4, beside this LoRA's raised 1e-3, moves the shared LoRA by 3.5 %,
+    # leaving CoA-LoRA nearly its theta-free twin; at the LoRA's rate it moves it by 31 %. Neither rate's gain
+    # over the twin is resolved on SST-2 (MiniLM-L6 and MPNet-base) or the causal LM, and under the decaying
+    # schedule no run at the LoRA's rate collapsed (0 of 15: MiniLM-L6 seeds 0-4 with and without the
+    # warm-up, MPNet-base seeds 0-4 with it) (docs/measurements.md#thetas-learning-rate, #what-theta-adds).
     theta_lr: float | None = None
     # The default decays: at a constant rate the pool methods' 2.5-bit accuracy spread over 3.8 points
     # between seeds (CoA-LoRA) and up to 11.6 between runs; decayed, over 1.0
     # (docs/measurements.md#the-low-bit-gap-of-the-pool).
     lr_schedule: str = "linear"  # one of LR_SCHEDULES
     # The share of all steps over which every learning rate rises linearly from 0 before the schedule
-    # runs. 0.1: on MPNet-base at 2.5 bits it lifted every shared and pool run tried off the collapse to
-    # chance (the three seeds that had collapsed included), and on the default preset, where nothing
-    # collapses, it costs nothing measurable. It is no guarantee: one warmed-up QLoRA run still collapsed.
-    # 0 is the paper's code (docs/measurements.md#the-scaling-study, #what-theta-adds).
+    # runs. 0.1: on MPNet-base at 2.5 bits no warmed-up shared or pool run collapsed to chance (0 of 13,
+    # the three seeds that collapse without it included; 3 of 21 without, Fisher's p = 0.27), and on the
+    # default preset it changed CoA-LoRA and its twin by nothing measurable. It is no guarantee: one
+    # warmed-up QLoRA run collapsed. 0 is the paper's code (docs/measurements.md#the-scaling-study).
     warmup: float = 0.1
     # The paper's uniform draw. "by-error" steadies the lowest budget where the uniform one starves it (the
     # causal LM's 2.5-bit seeds agree), but it does not stop a 2.5-bit collapse (MPNet-base: one seed of

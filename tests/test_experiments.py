@@ -10,6 +10,7 @@ import torch
 from coalora import experiments, lora, models
 from coalora.configs import Configuration, QuantSpace
 from coalora.experiments import RunSpec, run_experiment
+from coalora.methods import METHODS
 from coalora.presets import RunSize
 from coalora.search import SearchConfig
 from coalora.training import HyperParams
@@ -110,12 +111,32 @@ def test_pool_draw_by_error_splits_runs_and_draws_other_configurations(runs_in_t
     assert qlora.key() == spec("qlora", hp=HyperParams(epochs=1, configs_per_step=1)).key()  # no pool to draw from
 
 
-def test_warmup_splits_runs_and_zero_and_zero_point_zero_are_one_run():
+def test_warmup_splits_runs():
     plain = spec("shared", hp=HyperParams(epochs=1, configs_per_step=1))
     cold = spec("shared", hp=HyperParams(epochs=1, configs_per_step=1, warmup=0))
-    assert cold.key() == spec("shared", hp=HyperParams(epochs=1, configs_per_step=1, warmup=0.0)).key()
     assert cold.key() != plain.key()
     assert spec("shared", hp=HyperParams(epochs=1, configs_per_step=1, warmup=0.2)).key() != plain.key()
+
+
+def test_theta_at_the_loras_rate_is_one_run_however_it_is_written():
+    default = spec("coalora", hp=HyperParams(epochs=1, configs_per_step=8))
+    assert default.resolved().hp.theta_lr is None
+    written = spec("coalora", hp=HyperParams(epochs=1, configs_per_step=8, theta_lr=HyperParams().lr))
+    assert written.key() == default.key()
+    assert spec("coalora", hp=HyperParams(epochs=1, configs_per_step=8, theta_lr=1e-4)).key() != default.key()
+
+
+def test_scaling_study_trains_without_warmup_and_theta_at_its_rate_whatever_the_defaults():
+    from coalora.studies import SCALING_HP, scaling_specs
+
+    specs = {s.method: s for s in scaling_specs("smoke", "sst2", ["minilm-l6"], [64])}
+    for method, s in specs.items():
+        hp = s.resolved().hp
+        assert hp.warmup == SCALING_HP["warmup"] == 0
+        assert hp.theta_lr == (SCALING_HP["theta_lr"] if METHODS[method].theta else None)
+        default = RunSpec(preset="smoke", task="sst2", method=method, backbone="minilm-l6", size=s.size,
+                          eval_budgets=s.eval_budgets)
+        assert s.key() != default.key()  # the defaults' warm-up is not the study's
 
 
 def test_backbone_dropout_off_splits_runs_and_silences_every_dropout_layer():

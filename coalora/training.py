@@ -95,8 +95,8 @@ class HyperParams:
     # (docs/measurements.md#the-low-bit-gap-of-the-pool).
     lr_schedule: str = "linear"  # one of LR_SCHEDULES
     # The share of all steps over which every learning rate rises linearly from 0 before the schedule
-    # runs. 0.1: on MPNet-base at 2.5 bits no warmed-up shared or pool run collapsed to chance (0 of 13,
-    # the three seeds that collapse without it included; 3 of 21 without, Fisher's p = 0.27), and on the
+    # runs. 0.1: on MPNet-base at 2.5 bits no warmed-up shared or pool run collapsed to chance (0 of 19,
+    # the three seeds that collapse without it included; 3 of 21 without, Fisher's p = 0.23), and on the
     # default preset it changed CoA-LoRA and its twin by nothing measurable. It is no guarantee: one
     # warmed-up QLoRA run collapsed. 0 is the paper's code (docs/measurements.md#the-scaling-study).
     warmup: float = 0.1

@@ -95,14 +95,15 @@ class HyperParams:
     # (docs/measurements.md#the-low-bit-gap-of-the-pool).
     lr_schedule: str = "linear"  # one of LR_SCHEDULES
     # The share of all steps over which every learning rate rises linearly from 0 before the schedule
-    # runs. 0.1: on MPNet-base at 2.5 bits no warmed-up shared or pool run collapsed to chance (0 of 19,
-    # the three seeds that collapse without it included; 3 of 21 without, Fisher's p = 0.23), and on the
-    # default preset it changed CoA-LoRA and its twin by nothing measurable. It is no guarantee: one
-    # warmed-up QLoRA run collapsed. 0 is the paper's code (docs/measurements.md#the-scaling-study).
+    # runs. 0.1: on MPNet-base at 2.5 bits fewer warmed-up shared and pool runs collapsed to chance (1 of
+    # 29, the three seeds that collapse without it rescued; 3 of 21 without, Fisher's p = 0.30), and on the
+    # default preset it changed CoA-LoRA and its twin by nothing measurable. It is no guarantee: a warmed-up
+    # QLoRA run collapsed too. 0 is the paper's code (docs/measurements.md#the-scaling-study).
     warmup: float = 0.1
     # The paper's uniform draw. "by-error" steadies the lowest budget where the uniform one starves it (the
-    # causal LM's 2.5-bit seeds agree), but it does not stop a 2.5-bit collapse (MPNet-base: one seed of
-    # five) and no gain over the uniform draw holds its interval, on the default preset or on MPNet-base
+    # causal LM's 2.5-bit seeds agree; on MPNet-base it shrinks CoA-LoRA's 2.5-bit deficit to Shared-LoRA),
+    # but it does not stop a 2.5-bit collapse (MPNet-base: one run of five without the warm-up, one of ten
+    # with it) and no gain over the uniform draw holds its interval, on the default preset or on MPNet-base
     # (docs/measurements.md#the-low-bit-gap-of-the-pool, #the-scaling-study).
     pool_draw: str = "uniform"  # one of POOL_DRAWS
 

@@ -101,9 +101,9 @@ class HyperParams:
     # QLoRA run collapsed too. 0 is the paper's code (docs/measurements.md#the-scaling-study).
     warmup: float = 0.1
     # The paper's uniform draw. "by-error" steadies the lowest budget where the uniform one starves it (the
-    # causal LM's 2.5-bit seeds agree; on MPNet-base it shrinks CoA-LoRA's 2.5-bit deficit to Shared-LoRA),
-    # but it does not stop a 2.5-bit collapse (MPNet-base: one run of five without the warm-up, one of ten
-    # with it) and no gain over the uniform draw holds its interval, on the default preset or on MPNet-base
+    # causal LM's 2.5-bit seeds agree; on MPNet-base CoA-LoRA's 2.5-bit deficit to Shared-LoRA is no longer
+    # resolved), but it does not stop a 2.5-bit collapse (MPNet-base: one run of eight without the warm-up,
+    # one of ten with it) and no gain over the uniform draw holds its interval, on the default preset or on MPNet-base
     # (docs/measurements.md#the-low-bit-gap-of-the-pool, #the-scaling-study).
     pool_draw: str = "uniform"  # one of POOL_DRAWS
 

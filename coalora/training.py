@@ -103,8 +103,8 @@ class HyperParams:
     # The paper's uniform draw. "by-error" steadies the lowest budget where the uniform one starves it (the
     # causal LM's 2.5-bit seeds agree; on MPNet-base CoA-LoRA's 2.5-bit deficit to Shared-LoRA is no longer
     # resolved), but it does not stop a 2.5-bit collapse (MPNet-base: one run of eight without the warm-up,
-    # one of ten with it) and no gain over the uniform draw holds its interval, on the default preset or on MPNet-base
-    # (docs/measurements.md#the-low-bit-gap-of-the-pool, #the-scaling-study).
+    # one of ten with it) and no gain over the uniform draw holds its interval, on the default preset or on
+    # MPNet-base (docs/measurements.md#the-low-bit-gap-of-the-pool, #the-scaling-study).
     pool_draw: str = "uniform"  # one of POOL_DRAWS
 
     def __post_init__(self):

@@ -26,8 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from coalora import QuantSpace, allocate, build_lora_model, load_backbone, load_task, set_configuration
 from coalora.lora import trainable_parameters
-from coalora.models import matrix_layout
-from coalora.training import held_weights
+from coalora.models import MASK_DRAWS, matrix_layout, set_mask_draw
+from coalora.training import HyperParams, held_weights
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 # Kind of op -> the aten ops whose self time it sums; the rest of a step's ops count as "other". Dropout's
@@ -35,7 +35,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 # Mersenne Twister (its vectorised MKL Bernoulli is taken on Intel CPUs only).
 KINDS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
-    "dropout masks": ("aten::bernoulli_",),
+    "dropout masks": ("aten::bernoulli_", "aten::random_"),  # PyTorch's draw, and the packed one's
     "copies": ("aten::copy_",),  # mostly autocast's casts
 }
 
@@ -66,11 +66,13 @@ def main() -> None:
                              "runs side by side")
     parser.add_argument("--no-held", dest="held", action="store_false",
                         help="keep the frozen base weights in fp32 under bf16 autocast (cast at every forward)")
+    parser.add_argument("--mask-draw", default=HyperParams().mask_draw, choices=MASK_DRAWS,
+                        help="how dropout draws its masks (default: training's)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     steps, size, repeats = (1, 512, 2) if args.quick else (8, 2048, 10)
-    print(f"torch threads {torch.get_num_threads()}")
+    print(f"torch threads {torch.get_num_threads()}, dropout masks {args.mask_draw}")
     throughput = {name: matmul_gflops(dtype or torch.float32, size, repeats) for name, dtype in PRECISIONS.items()}
     print("matmul throughput: " + ", ".join(f"{name} {g:.0f} GFLOPS" for name, g in throughput.items()))
 
@@ -79,6 +81,7 @@ def main() -> None:
     for method, k in (("qlora", 1), ("coalora", 2)):
         torch.manual_seed(0)
         backbone, tokenizer = load_backbone("minilm-l6")
+        set_mask_draw(backbone, args.mask_draw)
         model = build_lora_model(backbone, matrix_layout(backbone, "minilm-l6"), QuantSpace.nf(), rank=8,
                                  config_aware=method == "coalora")
         batch = tokenizer(list(sentences["text"]), padding=True, truncation=True, max_length=64, return_tensors="pt")

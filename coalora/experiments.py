@@ -131,6 +131,8 @@ class RunSpec:
             del data["hp"]["backbone_dropout"]
         if resolved.hp.pool_draw == "uniform":  # the paper's draw, left out so its runs keep their keys
             del data["hp"]["pool_draw"]
+        if resolved.hp.mask_draw == "torch":  # PyTorch's draw: out of the key, as runs without the field were keyed
+            del data["hp"]["mask_draw"]
         if resolved.hp.warmup == 0:  # no warm-up: out of the key, as runs without the field were keyed
             del data["hp"]["warmup"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -258,6 +260,7 @@ def _setup(spec: RunSpec):
     backbone, tokenizer = models.load_backbone(spec.backbone, task.task_type, num_labels=task.num_labels or 2)
     if spec.hp.backbone_dropout is not None:
         models.set_dropout(backbone, spec.hp.backbone_dropout)
+    models.set_mask_draw(backbone, spec.hp.mask_draw)
     layout = models.matrix_layout(backbone, spec.backbone)
     names = task.train.features["label"].names if task.num_labels else None
     if names:  # a saved model then maps its outputs back to your labels

@@ -139,6 +139,18 @@ def test_scaling_study_trains_without_warmup_and_theta_at_its_rate_whatever_the_
         assert s.key() != default.key()  # the defaults' warm-up is not the study's
 
 
+def test_mask_draw_splits_runs_and_reaches_every_backbone_dropout_layer():
+    plain = spec("qlora", hp=HyperParams(epochs=1, configs_per_step=8, mask_draw="torch"))
+    assert plain.key() != spec("qlora").key()
+    for run, kind in ((spec("qlora"), models.PackedDropout), (plain, torch.nn.Dropout)):
+        model = experiments._setup(run.resolved())[2]
+        kinds = {type(m) for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Dropout) and "lora_" not in name}
+        assert kinds == {kind}
+    with pytest.raises(ValueError, match="unknown mask draw 'mkl'; valid mask draws: torch, packed"):
+        HyperParams(mask_draw="mkl")
+
+
 def test_backbone_dropout_off_splits_runs_and_silences_every_dropout_layer():
     off = spec("qlora", hp=HyperParams(epochs=1, configs_per_step=8, backbone_dropout=0.0)).resolved()
     assert off.key() != spec("qlora").key()

@@ -289,3 +289,66 @@ def test_paper_backbones_match_the_papers_counts(name, config, n_matrices, numel
     assert len(layout) == n_matrices
     if numel is not None:
         assert int(layout.numels.sum()) == numel
+
+
+# ---- dropout masks ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_packed_masks_drop_at_rate_p_in_every_lane_and_repeat_under_a_seed(p):
+    torch.manual_seed(0)
+    keep = models.packed_keep_mask((1 << 20,), p)
+    torch.manual_seed(0)
+    assert torch.equal(keep, models.packed_keep_mask((1 << 20,), p))
+    assert not torch.equal(keep, models.packed_keep_mask((1 << 20,), p))  # the generator moved on
+    sigma = (p * (1 - p) / (1 << 18)) ** 0.5  # per lane: a quarter of the draws
+    for lane in range(4):  # the four 16-bit uniforms of each 64-bit draw
+        assert abs((~keep.view(-1, 4)[:, lane]).float().mean().item() - p) < 5 * sigma
+
+
+def test_packed_dropout_keeps_the_mean_and_is_off_in_eval_mode():
+    layer = models.PackedDropout(0.25)
+    x = torch.ones(256, 1024)
+    torch.manual_seed(0)
+    y = layer(x)
+    assert torch.equal(y.unique(), torch.tensor([0.0, 4 / 3]))
+    assert abs(y.mean().item() - 1) < 0.01
+    assert torch.equal(layer.eval()(x), x)
+
+
+def tiny_bert(dropout: float) -> nn.Module:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=4,
+                        intermediate_size=I, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+
+
+PADDED = {"input_ids": torch.tensor([[5, 6, 7, 8, 9], [5, 6, 0, 0, 0]]),
+          "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])}
+
+
+def test_packed_attention_is_sdpa_when_nothing_is_dropped():
+    """A p that rounds to no drop runs the packed math path: it must give SDPA's output, padding included."""
+    packed, plain = tiny_bert(1e-9), tiny_bert(1e-9)
+    assert models.set_mask_draw(packed, "packed") == 1 + 3 * LAYERS + 1  # embeddings, 3 per block, head
+    assert packed.config._attn_implementation == models.PACKED_ATTENTION
+    torch.testing.assert_close(packed.train()(**PADDED).logits, plain.train()(**PADDED).logits)
+
+
+def test_mask_draw_changes_training_forwards_only_and_switches_back():
+    packed, plain = tiny_bert(0.3), tiny_bert(0.3)
+    models.set_mask_draw(packed, "packed")
+    assert torch.equal(packed.eval()(**PADDED).logits, plain.eval()(**PADDED).logits)
+    outputs = {}
+    for name, model in (("packed", packed.train()), ("torch", plain.train())):
+        torch.manual_seed(1)
+        outputs[name] = model(**PADDED).logits
+        torch.manual_seed(1)
+        assert torch.equal(outputs[name], model(**PADDED).logits)  # seeded masks repeat
+    assert not torch.equal(outputs["packed"], outputs["torch"])
+    models.set_mask_draw(packed, "torch")
+    assert packed.config._attn_implementation == "sdpa"
+    assert all(type(m) is nn.Dropout for m in packed.modules() if isinstance(m, nn.Dropout))
+    torch.manual_seed(1)
+    assert torch.equal(packed(**PADDED).logits, outputs["torch"])
+    with pytest.raises(ValueError, match="mask draw 'fast'.*packed"):
+        models.set_mask_draw(packed, "fast")

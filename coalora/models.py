@@ -229,10 +229,14 @@ def packed_keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torc
 
 
 def packed_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Training-mode dropout of `x` with a `packed_keep_mask`; kept values scaled so the mean is kept."""
-    if p == 0:
+    """Training-mode dropout of `x` with a `packed_keep_mask`; kept values scaled so the mean is kept.
+    A p below 2^-17 drops nothing, one above 1 - 2^-17 everything."""
+    levels = round(p * _MASK_LEVELS)
+    if levels == 0:
         return x
-    scale = 1 / (1 - round(p * _MASK_LEVELS) / _MASK_LEVELS)
+    if levels == _MASK_LEVELS:
+        return x * 0
+    scale = 1 / (1 - levels / _MASK_LEVELS)
     keep = packed_keep_mask(x.shape, p, x.device)
     return x * (keep.to(x.dtype) * scale)
 
@@ -247,12 +251,15 @@ class PackedDropout(nn.Dropout):
 
 
 def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' SDPA attention, except that a CPU forward with attention dropout runs as SDPA's math
-    (query [B, H, L, d], key and value [B, H, S, d] -> [B, L, H, d], no weights) with packed masks.
-    Grouped key heads (fewer than the query's) keep SDPA as it is."""
+    """transformers' SDPA attention, except that a CPU forward of an encoder with attention dropout runs
+    written out (query [B, H, L, d], key and value [B, H, S, d] -> [B, L, H, d], no weights): scores and
+    product in the autocast precision, softmax in fp32, packed masks. Causal attention, grouped key heads
+    (fewer than the query's) and other devices keep SDPA as it is."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if dropout == 0 or query.device.type != "cpu" or key.shape[1] != query.shape[1]:
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", False) if causal is None else causal
+    if dropout == 0 or causal or query.device.type != "cpu" or key.shape[1] != query.shape[1]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -269,11 +276,11 @@ PACKED_ATTENTION = "coalora_packed_sdpa"
 
 
 def set_mask_draw(model: nn.Module, draw: str) -> int:
-    """Make `model`'s dropout draw its masks as `draw` (one of MASK_DRAWS) says; returns how many dropout
-    layers it set. "packed" also moves SDPA attention onto `_packed_attention`. Before LoRA wraps the
-    model, so LoRA's own dropout keeps PyTorch's."""
+    """Make `model`'s dropout (its nn.Dropout layers) draw masks as `draw` (one of MASK_DRAWS) says;
+    returns how many layers it set. "packed" also moves SDPA attention onto `_packed_attention`. Before
+    LoRA wraps the model, so LoRA's own dropout keeps PyTorch's."""
     check_name(draw, MASK_DRAWS, "mask draw")
-    layers = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    layers = [m for m in model.modules() if type(m) in (nn.Dropout, PackedDropout)]  # not others' subclasses
     for layer in layers:
         layer.__class__ = PackedDropout if draw == "packed" else nn.Dropout
     config = getattr(model, "config", None)

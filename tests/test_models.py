@@ -315,6 +315,35 @@ def test_packed_dropout_keeps_the_mean_and_is_off_in_eval_mode():
     assert torch.equal(layer.eval()(x), x)
 
 
+def test_packed_dropout_edges():
+    x = torch.ones(4, 8)
+    assert torch.equal(models.packed_dropout(x, 2**-18), x)  # rounds to no level dropped
+    assert torch.equal(models.packed_dropout(x, 1.0), torch.zeros(4, 8))
+
+
+class _Attention(nn.Module):
+    def __init__(self, causal: bool):
+        super().__init__()
+        self.is_causal = causal
+
+
+def test_packed_attention_drops_probabilities_at_rate_p_and_leaves_causal_attention_to_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q = torch.zeros(8, 4, 64, 2)  # equal scores: every weight 1/64, so each output is the kept share, scaled
+    v = torch.ones(8, 4, 64, 2)
+    torch.manual_seed(0)
+    out, _ = models._packed_attention(_Attention(False), q, q, v, None, dropout=0.25, scaling=1.0)
+    assert out.shape == (8, 64, 4, 2)
+    assert abs(out.mean().item() - 1) < 0.01 and out.std().item() > 0.05  # mean kept, masks drawn
+    for module, kwargs in ((_Attention(True), {}), (_Attention(False), {"is_causal": True})):
+        torch.manual_seed(0)
+        packed, _ = models._packed_attention(module, q, q, v, None, dropout=0.25, scaling=1.0, **kwargs)
+        torch.manual_seed(0)
+        sdpa, _ = sdpa_attention_forward(module, q, q, v, None, dropout=0.25, scaling=1.0, **kwargs)
+        assert torch.equal(packed, sdpa)
+
+
 def tiny_bert(dropout: float) -> nn.Module:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=64, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=4,

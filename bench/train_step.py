@@ -4,7 +4,8 @@ On the default preset's model and batch shape (MiniLM-L6, r = 8, 32 RT sentences
 longest), times a QLoRA step (one configuration) and a CoA-LoRA step (K = 2 configurations, gradients
 summed) in fp32 and under `torch.autocast(dtype=torch.bfloat16)`, after warm-up with the quantized weights
 cached; in bf16 the frozen base weights are held in bf16 as training holds them (`--no-held`: in fp32,
-cast again at every forward). The floor of a step is its FLOPs (counted by `torch.utils.flop_counter` over
+cast again at every forward), and dropout draws its masks as training does (`--mask-draw torch`: PyTorch's
+own draw). The floor of a step is its FLOPs (counted by `torch.utils.flop_counter` over
 forward and backward) divided by the measured throughput of a large matmul in the same precision; the ratio
 says how far the step is from what the arithmetic alone would take. One profiled step then splits the
 time by kind of op (`KINDS`): the matmuls against the same floor, and what the FLOP count does not see.
@@ -31,8 +32,8 @@ from coalora.training import HyperParams, held_weights
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 # Kind of op -> the aten ops whose self time it sums; the rest of a step's ops count as "other". Dropout's
-# masks are apart because on CPUs that are not Intel's, PyTorch draws them one element at a time from its
-# Mersenne Twister (its vectorised MKL Bernoulli is taken on Intel CPUs only).
+# masks are apart because PyTorch draws them one element at a time from its Mersenne Twister (on the AMD EPYC
+# and the Intel Xeon measured alike), which `--mask-draw packed` replaces with a quarter as many 64-bit draws.
 KINDS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
     "dropout masks": ("aten::bernoulli_", "aten::random_"),  # PyTorch's draw, and the packed one's

@@ -10,7 +10,9 @@ up. The interval has two levels:
   dropout) enters as a Student-t term with S - 1 degrees of freedom, t * sd(per-seed values) / sqrt(S),
   added to each resample. Resampling 3 seeds instead would give 10 distinct sets, understate the spread
   by sqrt(2/3) and never reach beyond the observed seeds; with 3 seeds the t quantile (4.3) widens the
-  seed part honestly. One seed has no seed term (`n_seeds` says so in every table).
+  seed part honestly. Each example resample takes one t draw with both signs (antithetic), so the
+  interval of b - a is that of a - b mirrored (up to rounding). One seed has no seed term (`n_seeds`
+  says so in every table).
 
 The interval is the 2.5th to 97.5th percentile of the resampled values. Arrays are [S seeds,
 K configurations, N examples]: 1/0 per example for accuracy, or a block's mean token loss for a causal LM
@@ -36,8 +38,9 @@ Statistic = Callable[[Mapping[str, np.ndarray]], np.ndarray]
 
 def bootstrap(arrays: Mapping[str, np.ndarray], statistic: Statistic, n_boot: int = N_BOOT,
               seed: int = 0) -> tuple[float, np.ndarray]:
-    """(the statistic's mean over seeds on the data, `n_boot` resampled values [B]) for `arrays`
-    name -> [S, K, N], all over the same seeds and examples: examples resampled, seeds as a t term."""
+    """(the statistic's mean over seeds on the data, resampled values [2 n_boot]) for `arrays`
+    name -> [S, K, N], all over the same seeds and examples: `n_boot` example resamples, each with a
+    seed term of either sign."""
     shapes = {a.shape[0::2] for a in arrays.values()}
     if len(shapes) != 1:
         raise ValueError(f"paired arrays need the same seeds and examples, got shapes "
@@ -50,8 +53,9 @@ def bootstrap(arrays: Mapping[str, np.ndarray], statistic: Statistic, n_boot: in
     samples = statistic(means).mean(axis=1)  # [B]
     if n_seeds > 1:
         spread = per_seed.std(ddof=1) / np.sqrt(n_seeds)
-        samples = samples + spread * rng.standard_t(n_seeds - 1, size=n_boot)
-    return float(per_seed.mean()), samples
+        seed_term = spread * rng.standard_t(n_seeds - 1, size=n_boot)
+        return float(per_seed.mean()), np.concatenate([samples + seed_term, samples - seed_term])
+    return float(per_seed.mean()), np.concatenate([samples, samples])
 
 
 def interval(samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]:

@@ -147,8 +147,8 @@ def test_mask_draw_splits_runs_and_reaches_every_backbone_dropout_layer():
         kinds = {type(m) for name, m in model.named_modules()
                  if isinstance(m, torch.nn.Dropout) and "lora_" not in name}
         assert kinds == {kind}
-        assert (model.base_model.model.config._attn_implementation == models.PACKED_ATTENTION) == (
-            kind is models.PackedDropout)
+        config = next(m.config for m in model.modules() if hasattr(m, "config"))  # the backbone's
+        assert (config._attn_implementation == models.PACKED_ATTENTION) == (kind is models.PackedDropout)
     with pytest.raises(ValueError, match="unknown mask draw 'mkl'; valid mask draws: torch, packed"):
         HyperParams(mask_draw="mkl")
 

@@ -72,3 +72,13 @@ def test_comparable_or_lower_has_a_margin(lo, hi, expected):
 def test_verdict_needs_a_direction():
     with pytest.raises(ValueError, match="direction must be"):
         stats.verdict(0.1, 0.2, 0)
+
+
+@pytest.mark.parametrize("n_seeds", [1, 3])
+def test_swapping_the_methods_mirrors_the_interval_exactly(n_seeds):
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 2, size=(n_seeds, 2, 200)).astype(float) for _ in range(2))
+    ab, ba = stats.paired_difference(a, b), stats.paired_difference(b, a)
+    for k in ab:
+        estimate, lo, hi = ab[k]
+        assert ba[k] == pytest.approx((-estimate, -hi, -lo), abs=1e-12)  # rounding only

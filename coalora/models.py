@@ -212,8 +212,8 @@ def set_dropout(model: nn.Module, p: float) -> int:
 # Bernoulli draw takes about 5.5 ns an element, and whose attention dropout sends SDPA to a math kernel
 # 8 x slower than SDPA without it. "packed": four 16-bit uniforms from each 64-bit draw of the same
 # seeded generator, about 1 ns an element, with the attention's softmax and product written out around
-# it; drop probability round(p * 2^16) / 2^16 (within 8e-6 of p). It takes about a sixth off MiniLM-L6's
-# bf16 training step. On CPUs only: other devices keep PyTorch's fused dropout
+# it; drop probability round(p * 2^16) / 2^16 (within 8e-6 of p). It takes a sixth off the benchmark's
+# MiniLM-L6 bf16 step and 7 % off the default SST-2 runs' training. On CPUs only: other devices keep PyTorch's fused dropout
 # (docs/measurements.md#training-step).
 MASK_DRAWS = ("torch", "packed")
 _MASK_LEVELS = 1 << 16

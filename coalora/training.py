@@ -77,8 +77,8 @@ class HyperParams:
     # paper's fine-tuning keeps them). 0 is the option for a backbone whose quantized features drown in that
     # noise during training (MPNet-base at 2.5 bits: docs/measurements.md#the-scaling-study).
     backbone_dropout: float | None = None
-    # How those layers draw their masks in training (one of models.MASK_DRAWS): "packed" takes about a
-    # sixth off MiniLM-L6's bf16 step; "torch" is PyTorch's own draw.
+    # How those layers draw their masks in training (one of models.MASK_DRAWS): "packed" takes 7 % off
+    # the default SST-2 runs' training; "torch" is PyTorch's own draw.
     mask_draw: str = "packed"
     lr: float = 1e-3
     weight_decay: float = 0.01

@@ -553,22 +553,40 @@ def _describe(spec: RunSpec) -> str:
     return f"{spec.method} {task_identity(spec.task)} {spec.quantizer} seed {spec.seed} ({spec.key()})"
 
 
+# What one run costs, for ordering the jobs longest first: seconds per training pass over the data
+# (one epoch of one adapter, or of one of K pool draws per step) and per evaluated configuration, by task
+# type, measured on the default preset's runs on one CPU thread (MiniLM-L6 on SST-2, SmolLM2-135M on C4;
+# docs/measurements.md#reproduce-time). Only the order of the jobs depends on them, never a result:
+# longest first, the two workers of `make reproduce` end within a minute of each other.
+JOB_SECONDS = {  # task type -> (per training pass, per evaluated configuration)
+    "classification": (30.0, 3.3),
+    "causal-lm": (70.0, 7.8),
+}
+SEARCH_COST = 1.4  # a refining search scores the pool after each epoch: pareto and random runs train 1.4 x longer
+
+
+def _estimated_seconds(spec: RunSpec) -> float:
+    per_pass, per_evaluation = JOB_SECONDS[task_type(spec.task)]
+    method = get_method(spec.method)
+    passes = {"per-configuration": len(spec.eval_budgets), "pool": spec.hp.configs_per_step,
+              "shared": 1, "full-precision": 1, "none": 0}[method.training] * spec.hp.epochs
+    if spec.search.mode != "frozen":
+        passes *= SEARCH_COST
+    evaluations = 1 if method.training == "full-precision" else len(spec.eval_budgets)
+    if method.serves_any_configuration:
+        evaluations += len(spec.unseen_budgets) + spec.size.n_random_unseen
+    return passes * per_pass + evaluations * per_evaluation
+
+
 def _jobs(specs: list[RunSpec]) -> list[list[RunSpec]]:
     """Runs grouped so that one process does the runs sharing a low-rank initialisation (LQ-LoRA's
-    seeds fit the same one, cached in that process), longest jobs first: per-configuration methods
-    train one adapter per budget, the causal LM is the slowest model."""
+    seeds fit the same one, cached in that process), the longest jobs first (`JOB_SECONDS`)."""
     groups: dict[tuple, list[RunSpec]] = {}
     for spec in specs:
         init = get_method(spec.method).init
         key = (spec.method, spec.backbone, spec.quantizer, spec.hp.rank) if init != "default" else (spec.key(),)
         groups.setdefault(key, []).append(spec)
-
-    def cost(job):
-        spec = job[0]
-        per_configuration = get_method(spec.method).per_configuration
-        return (len(job) * (len(spec.eval_budgets) if per_configuration else 1), task_type(spec.task) == "causal-lm")
-
-    return sorted(groups.values(), key=cost, reverse=True)
+    return sorted(groups.values(), key=lambda job: sum(_estimated_seconds(s) for s in job), reverse=True)
 
 
 def _run_job(job: list[RunSpec], recompute: bool, threads: int | None) -> list[RunSpec]:

@@ -13,8 +13,9 @@ task head (PEFT SEQ_CLS `modules_to_save`) and theta are trained. The pieces:
   with every layer's `CoALoRAVariant`, PEFT's `LoraVariant` hook, which puts M_i between A and B.
   No forward method is patched.
 * `set_configuration` swaps fake-quantized base weights in, from a `WeightCache` (LRU, bounded in
-  bytes) so that switching back to a recent configuration does no quantization; `base_weights_in`
-  holds them in bf16 for a block of bf16-autocast forwards.
+  bytes, with the weights' one-byte codes behind them) so that switching back to a configuration
+  seen before does no quantization; `base_weights_in` holds them in bf16 for a block of
+  bf16-autocast forwards.
 * `materialize` folds A' = M_i A for one configuration and returns a stock PEFT LoRA adapter, to be
   loaded with `PeftModel.from_pretrained` on the backbone quantized by `quantize_weights_`.
 
@@ -45,13 +46,14 @@ from coalora.configs import FIELDS, Configuration, Layout, MatrixSpec, QuantSpac
 from coalora.hypernet import ConfigAwareModel, check_layout
 from coalora.models import family_of, head_modules, lora_target_modules, matrix_layout, quantized_linears
 from coalora.presets import check_task_type
-from coalora.quant import fake_quantize
+from coalora.quant import dequantize, fake_quantize, quantize
 
 log = logging.getLogger(__name__)
 
 ADAPTER = "default"  # the PEFT adapter name used throughout
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}  # our task type -> PEFT's
 DEFAULT_CACHE_BYTES = 2 * 1024**3
+DEFAULT_CODE_BYTES = 2 * 1024**3  # every NF matrix option of the default causal-LM pool: 1.2 GiB
 CONFIGURATION_FILE = "quantization_configuration.json"  # written next to a materialized adapter
 SAVED_CONFIG = "coalora_config.json"  # a saved CoALoRAModel: what to rebuild it from ...
 SAVED_WEIGHTS = "coalora_model.safetensors"  # ... and every trained tensor (A, B, head, theta)
@@ -59,37 +61,68 @@ SAVED_FORMAT = 1
 _SAVED_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
 
 
-class WeightCache:
-    """Fake-quantized weights keyed by (matrix name, LayerQuant, device, dtype); the least recently
-    used ones are dropped once they hold more than `max_bytes`. A weight larger than the whole budget
-    is returned but not kept. `hits` and `misses` count lookups."""
+class _LRU:
+    """Values by key, the least recently used dropped once they hold more than `max_bytes`; a value
+    larger than the whole budget is returned but not kept. `hits` and `misses` count lookups."""
 
-    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(self, max_bytes: int, size: Callable[[object], int]):
         if max_bytes < 0:
             raise ValueError(f"the weight cache budget must be >= 0 bytes, got {max_bytes}")
-        self.max_bytes = max_bytes
+        self.max_bytes, self.size = max_bytes, size
         self.nbytes = 0
         self.hits = self.misses = 0
-        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.entries: OrderedDict[tuple, object] = OrderedDict()
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if key in self._entries:
+    def get(self, key: tuple, compute: Callable[[], object]):
+        if key in self.entries:
             self.hits += 1
-            self._entries.move_to_end(key)
-            return self._entries[key]
+            self.entries.move_to_end(key)
+            return self.entries[key]
         self.misses += 1
         value = compute()
-        size = value.numel() * value.element_size()
+        size = self.size(value)
         if size <= self.max_bytes:
-            self._entries[key] = value
+            self.entries[key] = value
             self.nbytes += size
             while self.nbytes > self.max_bytes:
-                _, old = self._entries.popitem(last=False)
-                self.nbytes -= old.numel() * old.element_size()
+                _, old = self.entries.popitem(last=False)
+                self.nbytes -= self.size(old)
         return value
+
+
+class WeightCache:
+    """Fake-quantized weights keyed by (matrix name, LayerQuant, device, dtype), LRU within
+    `max_bytes`; behind them the same weights' `Codes` (one byte a weight) LRU within `code_bytes`.
+    `hits`, `misses`, `nbytes` and len() are the weights'; `codes` is the second tier.
+
+    Why two tiers: CoA-LoRA cycles through a pool of configurations, and the fp32 weights of every
+    matrix option a causal-LM pool uses fill 4.4 GiB (SmolLM2-135M, the default preset), so an LRU of
+    weights alone evicts each one just before it is needed again. Rebuilt from its codes, a weight
+    costs a gather and a multiply, a sixth to a ninth of quantizing it afresh (bench/quant.py)."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, code_bytes: int = DEFAULT_CODE_BYTES):
+        self.weights = _LRU(max_bytes, lambda t: t.numel() * t.element_size())
+        self.codes = _LRU(code_bytes, lambda c: c.nbytes)
+
+    max_bytes = property(lambda self: self.weights.max_bytes)
+    nbytes = property(lambda self: self.weights.nbytes)
+    hits = property(lambda self: self.weights.hits)
+    misses = property(lambda self: self.weights.misses)
+
+    def __len__(self) -> int:
+        return len(self.weights.entries)
+
+    def get(self, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return self.weights.get(key, compute)
+
+    def quantized(self, fingerprint: str, original: torch.Tensor, lq, device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+        """`original` fake-quantized under `lq` on `device` in `dtype`: from the weights, else rebuilt
+        from the codes, else quantized (and both tiers filled)."""
+        def rebuild() -> torch.Tensor:
+            codes = self.codes.get((fingerprint, lq, device), lambda: quantize(original.to(device), lq))
+            return dequantize(codes, dtype)
+        return self.weights.get((fingerprint, lq, device, dtype), rebuild)
 
 
 class _Adjustments:
@@ -243,9 +276,7 @@ def set_configuration(model: CoALoRAModel, configuration: Configuration | None) 
             weight = original.to(like.device, like.dtype)
         else:
             lq = configuration[name]
-            weight = model.weight_cache.get(
-                (model.fingerprints[name], lq, like.device, like.dtype),
-                lambda: fake_quantize(original.to(like.device), lq).to(like.dtype))
+            weight = model.weight_cache.quantized(model.fingerprints[name], original, lq, like.device, like.dtype)
         # A new Parameter rather than `.data =`: graphs of earlier forwards keep the weights they used.
         base.weight = nn.Parameter(weight, requires_grad=False)
     model.configuration, model.is_set = configuration, True

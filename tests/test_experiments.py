@@ -523,9 +523,24 @@ def test_run_many_keeps_the_seeds_of_one_low_rank_initialisation_in_one_job():
     specs = [spec(m, seed=s).resolved() for m in ("lqlora", "qlora", "coalora") for s in (0, 1)]
     jobs = experiments._jobs(specs)
     assert sorted(len(job) for job in jobs) == [1, 1, 1, 1, 2]
-    assert jobs[0] == [s for s in specs if s.method == "lqlora"]  # the longest job first
+    assert [s for s in specs if s.method == "lqlora"] in jobs
+    costs = [sum(experiments._estimated_seconds(s) for s in job) for job in jobs]
+    assert costs == sorted(costs, reverse=True)  # the longest job first
     with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
         experiments.run_many(specs, workers=0)
+
+
+def test_jobs_run_longest_first_by_estimated_seconds():
+    """A 3-epoch searching CoA-LoRA run outlasts a 2-epoch frozen one, a 4-adapter QLoRA run a
+    shared one, and the causal LM's run its classification twin: each goes first."""
+    pairs = [(spec("coalora", search="pareto", hp=HyperParams(epochs=3)), spec("coalora")),
+             (spec("qlora", eval_budgets=(2.5, 3.0, 3.5, 4.0)), spec("shared", eval_budgets=(2.5, 3.0, 3.5, 4.0))),
+             (spec("qlora", task="c4"), spec("qlora")),
+             (spec("shared"), spec("fp-lora"))]
+    for long, short in pairs:
+        long, short = long.resolved(), short.resolved()
+        assert experiments._estimated_seconds(long) > experiments._estimated_seconds(short)
+        assert experiments._jobs([short, long]) == [[long], [short]]
 
 
 def test_a_failed_run_is_named():

@@ -19,7 +19,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 from coalora import lora, models
 from coalora.configs import Configuration, LayerQuant, QuantSpace
-from coalora.quant import fake_quantize
+from coalora.quant import fake_quantize, quantize
 
 NF = QuantSpace.nf()
 VOCAB = 64
@@ -79,14 +79,14 @@ def uniform(model, lq: LayerQuant) -> Configuration:
 
 @pytest.fixture
 def count_quantizations(monkeypatch):
-    """Counts calls of coalora.lora's fake_quantize."""
+    """Counts the quantizations (calls of coalora.lora's quantize) a weight cache does."""
     calls = []
 
     def counting(weight, q, *args, **kwargs):
         calls.append(q)
-        return fake_quantize(weight, q, *args, **kwargs)
+        return quantize(weight, q, *args, **kwargs)
 
-    monkeypatch.setattr(lora, "fake_quantize", counting)
+    monkeypatch.setattr(lora, "quantize", counting)
     return calls
 
 
@@ -231,7 +231,28 @@ def test_cache_budget_smaller_than_one_configuration(count_quantizations):
             lora.set_configuration(reference, uniform(reference, lq))
             torch.testing.assert_close(logits(model, ids), logits(reference, ids), rtol=0, atol=0)
             assert model.weight_cache.nbytes <= budget and len(model.weight_cache) < len(model.layout)
-        assert model.weight_cache.misses == 3 * len(model.layout)  # evicted, so quantized again
+        assert model.weight_cache.misses == 3 * len(model.layout)  # evicted, so rebuilt again
+        codes = model.weight_cache.codes  # ... from codes kept of the first LOW: quantized once per option
+        assert (codes.misses, codes.hits) == (2 * len(model.layout), len(model.layout))
+
+
+@pytest.mark.parametrize("kind", ["nf", "int"])
+def test_weights_rebuilt_from_codes_equal_fresh_quantization(kind, count_quantizations):
+    """With no room for weights, every switch rebuilds them from the codes tier, bit for bit what
+    fake_quantize gives, in fp32 and bf16, and nothing is quantized twice."""
+    cache = lora.WeightCache(0)
+    model, _ = build("bert", "classification", cache=cache)
+    space = QuantSpace.named(kind)
+    options = [o for o in space.options() if o.bits in (2, 8)][:2]
+    for dtype in (torch.float32, torch.bfloat16, torch.float32):
+        for lq in options:
+            for name, original in model.full_precision.items():
+                rebuilt = cache.quantized(model.fingerprints[name], original, lq, original.device, dtype)
+                assert rebuilt.dtype == dtype and rebuilt.shape == original.shape
+                assert torch.equal(rebuilt, fake_quantize(original, lq).to(dtype))
+    assert len(count_quantizations) == len(options) * len(model.layout) == len(cache.codes.entries)
+    fp32_bytes = sum(4 * w.numel() for w in model.full_precision.values())
+    assert len(cache) == 0 and cache.codes.nbytes < len(options) * fp32_bytes / 2  # codes: a byte a weight, plus scales
 
 
 # ---- gradients --------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from coalora.configs import LayerQuant
-from coalora.quant import block_scales, fake_quantize, nf_codebook, storage_bits
+from coalora.quant import _nf_midpoints, block_scales, fake_quantize, nf_codebook, nf_index, storage_bits
 
 
 def quantization_error(weight: torch.Tensor, q: LayerQuant) -> float:
@@ -40,6 +40,21 @@ def test_nf2_nf3_values_from_method():
     torch.testing.assert_close(nf_codebook(2), torch.tensor([-1, 0, 0.3379, 1.0]), rtol=0, atol=1e-4)
     torch.testing.assert_close(
         nf_codebook(3), torch.tensor([-1, -0.4786, -0.2171, 0, 0.1609, 0.3379, 0.5626, 1.0]), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_nf_index_is_bucketize_exactly(bits):
+    """The cell lookup counts the same midpoints as a binary search, at the midpoints themselves,
+    at their float neighbours, at +-1, +-0 and beyond, and on a dense random sample."""
+    mids = _nf_midpoints(bits)
+    up, down = torch.tensor(2.0), torch.tensor(-2.0)
+    edges = torch.tensor([-1.0, 1.0, 0.0, -0.0, -1.5, 1.5, -1e-30, 1e-30, -1e30, 1e30])
+    grid = torch.linspace(-1.01, 1.01, 200_003)
+    x = torch.cat([mids, mids.nextafter(up), mids.nextafter(down), edges, grid,
+                   torch.randn(100_000, generator=torch.Generator().manual_seed(bits)) / 3])
+    assert torch.equal(nf_index(x, bits), torch.bucketize(x, mids, out_int32=True))
+    block = x[:7000].view(-1, 7)
+    assert torch.equal(nf_index(block, bits), torch.bucketize(block, mids, out_int32=True))
 
 
 @pytest.mark.parametrize("source", ["normal", "minilm"])

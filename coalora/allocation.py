@@ -155,6 +155,10 @@ def compute_cost_table(weights: Mapping[str, torch.Tensor], layout: Layout, spac
     for m in tqdm(layout.matrices, desc=f"cost table {layout.backbone}/{space.name}", leave=False):
         if m.name not in weights:
             raise ValueError(f"no weight given for matrix {m.name!r} of {layout.backbone!r}")
+        bad = int((~torch.isfinite(weights[m.name].detach())).sum())
+        if bad:
+            raise ValueError(f"matrix {m.name!r} of {layout.backbone!r} has {bad} NaN or infinite weights: "
+                             f"check the checkpoint it was loaded from")
         rows.append(matrix_costs(weights[m.name], space, None if importance is None else importance[m.name],
                                  fraction))
     return CostTable(layout, space, np.stack(rows), importance_label)

@@ -557,7 +557,8 @@ def _describe(spec: RunSpec) -> str:
 # (one epoch of one adapter, or of one of K pool draws per step) and per evaluated configuration, by task
 # type, measured on the default preset's runs on one CPU thread (MiniLM-L6 on SST-2, SmolLM2-135M on C4;
 # docs/measurements.md#reproduce-time). Only the order of the jobs depends on them, never a result:
-# longest first, the two workers of `make reproduce` end within a minute of each other.
+# longest first, the two workers of `make reproduce` end within a minute of each other. Other backbones
+# and data sizes scale every run of a task type alike, which leaves the order of a preset's jobs as good.
 JOB_SECONDS = {  # task type -> (per training pass, per evaluated configuration)
     "classification": (30.0, 3.3),
     "causal-lm": (70.0, 7.8),

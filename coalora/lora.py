@@ -14,7 +14,7 @@ task head (PEFT SEQ_CLS `modules_to_save`) and theta are trained. The pieces:
   No forward method is patched.
 * `set_configuration` swaps fake-quantized base weights in, from a `WeightCache` (LRU, bounded in
   bytes, with the weights' one-byte codes behind them) so that switching back to a configuration
-  seen before does no quantization; `base_weights_in` holds them in bf16 for a block of
+  seen before does no quantization while the codes fit their budget; `base_weights_in` holds them in bf16 for a block of
   bf16-autocast forwards.
 * `materialize` folds A' = M_i A for one configuration and returns a stock PEFT LoRA adapter, to be
   loaded with `PeftModel.from_pretrained` on the backbone quantized by `quantize_weights_`.
@@ -121,7 +121,7 @@ class WeightCache:
         from the codes, else quantized (and both tiers filled)."""
         def rebuild() -> torch.Tensor:
             codes = self.codes.get((fingerprint, lq, device), lambda: quantize(original.to(device), lq))
-            return dequantize(codes, dtype)
+            return dequantize(codes, original.dtype).to(dtype)  # via the weight's dtype, as fake_quantize
         return self.weights.get((fingerprint, lq, device, dtype), rebuild)
 
 
@@ -229,8 +229,8 @@ def build_lora_model(backbone_model: nn.Module, layout: Layout, space: QuantSpac
 
     `task_type` "classification" also trains the classification head (PEFT's `modules_to_save`),
     dense layer and projection (`coalora.models.head_modules`). `cache` holds the fake-quantized
-    weights (default: a cache of this model's own, DEFAULT_CACHE_BYTES); models of one backbone may
-    share one.
+    weights (default: a cache of this model's own, DEFAULT_CACHE_BYTES of weights and DEFAULT_CODE_BYTES
+    of codes at most); models of one backbone may share one.
     """
     check_task_type(task_type)
     if matrix_layout(backbone_model, layout.backbone) != layout:
@@ -281,9 +281,10 @@ def set_configuration(model: CoALoRAModel, configuration: Configuration | None) 
         base.weight = nn.Parameter(weight, requires_grad=False)
     model.configuration, model.is_set = configuration, True
     model._adjustments.rows = None
-    log.debug("configuration %s set (weight cache: %d hits, %d misses, %.1f MiB)",
-              "full precision" if configuration is None else configuration.digest(),
-              model.weight_cache.hits, model.weight_cache.misses, model.weight_cache.nbytes / 2**20)
+    cache = model.weight_cache
+    log.debug("configuration %s set (weight cache: %d hits, %d misses, %.1f MiB; codes: %d hits, %d misses, "
+              "%.1f MiB)", "full precision" if configuration is None else configuration.digest(), cache.hits,
+              cache.misses, cache.nbytes / 2**20, cache.codes.hits, cache.codes.misses, cache.codes.nbytes / 2**20)
     return model
 
 

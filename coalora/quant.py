@@ -66,7 +66,7 @@ def _nf_midpoints(bits: int) -> torch.Tensor:
 
 # The NF level index is looked up rather than binary-searched: [-1, 1] is cut into _NF_CELLS equal
 # cells, each cell stores how many midpoints lie below it and the one midpoint that may lie inside,
-# and one comparison finishes the count. Same index as torch.bucketize for every float (a test checks
+# and one comparison finishes the count. Same index as torch.bucketize for every non-NaN float (a test checks
 # all NF-k at the midpoints and their neighbours); 3 x faster for NF-4, 8 x for NF-8 (bench/quant.py).
 # 4096 cells keep at most one NF-8 midpoint within a cell and its two neighbours (NF-8's closest
 # midpoints are 0.005 apart, three cells 0.0015), so rounding in the cell arithmetic cannot matter.
@@ -74,8 +74,8 @@ _NF_CELLS = 4096
 
 
 @functools.lru_cache(maxsize=None)
-def _nf_cells(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(midpoints below each cell [C] int32, the next midpoint [C] float32; +inf past the last)."""
+def _nf_cells(bits: int, device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor]:
+    """(midpoints below each cell [C] int32, the next midpoint [C] float32; +inf past the last), on `device`."""
     mids = _nf_midpoints(bits)
     width = 2 / _NF_CELLS
     lower = torch.arange(_NF_CELLS, dtype=torch.float64) * width - 1
@@ -84,13 +84,14 @@ def _nf_cells(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     if int((above - below).max()) > 1:
         raise AssertionError(f"NF-{bits} has two midpoints within three of {_NF_CELLS} cells: use more cells")
     following = torch.cat([mids, torch.tensor([float("inf")])])[below]
-    return below.to(torch.int32), following  # int32: adding to int64 is 7 x slower on this CPU
+    return below.to(device, torch.int32), following.to(device)  # int32: adding to int64 is 7 x slower on a CPU
 
 
 def nf_index(normalized: torch.Tensor, bits: int) -> torch.Tensor:
     """Index of the nearest NF-k level for each value (int32, same shape): the number of level
-    midpoints strictly below it, which is torch.bucketize(normalized, midpoints, out_int32=True)."""
-    below, following = _nf_cells(bits)
+    midpoints strictly below it, which is torch.bucketize(normalized, midpoints, out_int32=True).
+    NaN has no index: callers refuse non-finite weights first."""
+    below, following = _nf_cells(bits, normalized.device)
     flat = normalized.reshape(-1)
     cell = ((flat + 1) * (_NF_CELLS / 2)).clamp_(0, _NF_CELLS - 1).to(torch.int32)  # truncation = floor for >= 0
     index = below.index_select(0, cell) + (flat > following.index_select(0, cell)).to(torch.int32)
@@ -146,7 +147,8 @@ def code_values(index: torch.Tensor, kind: str, bits: int) -> torch.Tensor:
     """The levels in [-1, 1] (float32, same shape) of codes from `code_index`, or of those codes
     stored as integers of any dtype."""
     if kind == "nf":
-        return nf_codebook(bits).index_select(0, index.reshape(-1).to(torch.int32)).view(index.shape)
+        code = nf_codebook(bits).to(index.device)
+        return code.index_select(0, index.reshape(-1).to(torch.int32)).view(index.shape)
     if kind == "int":
         return index.to(torch.float32) / (2 ** (bits - 1) - 1)
     raise ValueError(f"unknown quantization kind {kind!r}; valid kinds: 'nf', 'int'")
@@ -160,8 +162,8 @@ def snap_to_code(normalized: torch.Tensor, kind: str, bits: int) -> torch.Tensor
 @dataclass(frozen=True)
 class Codes:
     """A weight quantized under `q` as it would be stored: one small integer per weight and the
-    dequantized block scales. A quarter of the fp32 weight's bytes; `dequantize` rebuilds exactly
-    what `fake_quantize` returns."""
+    dequantized block scales, 1 + 4 / B0 bytes a weight against fp32's 4; `dequantize` rebuilds
+    exactly what `fake_quantize` returns."""
 
     index: torch.Tensor   # [n_blocks, B0] uint8 NF level index, or int8 INT integer (zero padding included)
     scales: torch.Tensor  # [n_blocks] float32, double-quantized unless told not to

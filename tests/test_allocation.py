@@ -46,6 +46,15 @@ def test_integer_space_allocation(minilm_weights):
     assert 3.9 <= config.avg_bits <= 4.0
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_cost_table_refuses_non_finite_weights(value, toy_layout):
+    weights = {m.name: torch.randn(m.shape) for m in toy_layout.matrices}
+    bad = toy_layout.matrices[1].name
+    weights[bad][0, 0] = value
+    with pytest.raises(ValueError, match=rf"matrix {bad!r} of .* has 1 NaN or infinite weights"):
+        compute_cost_table(weights, toy_layout, QuantSpace.nf())
+
+
 def test_ilp_matches_brute_force_on_a_small_table():
     rng = np.random.default_rng(0)
     space = QuantSpace("small", "nf", bits=(2, 4), scale_bits=(2, 8), scale_dtype=("fp32",), block_size=(64,),

@@ -524,8 +524,6 @@ def test_run_many_keeps_the_seeds_of_one_low_rank_initialisation_in_one_job():
     jobs = experiments._jobs(specs)
     assert sorted(len(job) for job in jobs) == [1, 1, 1, 1, 2]
     assert [s for s in specs if s.method == "lqlora"] in jobs
-    costs = [sum(experiments._estimated_seconds(s) for s in job) for job in jobs]
-    assert costs == sorted(costs, reverse=True)  # the longest job first
     with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
         experiments.run_many(specs, workers=0)
 

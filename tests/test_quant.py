@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from coalora.configs import LayerQuant
-from coalora.quant import _nf_midpoints, block_scales, fake_quantize, nf_codebook, nf_index, storage_bits
+from coalora.quant import (_nf_midpoints, block_scales, dequantize, fake_quantize, nf_codebook, nf_index, quantize,
+                           storage_bits, to_blocks)
 
 
 def quantization_error(weight: torch.Tensor, q: LayerQuant) -> float:
@@ -55,6 +56,46 @@ def test_nf_index_is_bucketize_exactly(bits):
     assert torch.equal(nf_index(x, bits), torch.bucketize(x, mids, out_int32=True))
     block = x[:7000].view(-1, 7)
     assert torch.equal(nf_index(block, bits), torch.bucketize(block, mids, out_int32=True))
+
+
+def bucketize_fake_quantize(weight: torch.Tensor, q: LayerQuant) -> torch.Tensor:
+    """fake_quantize as first written: binary search for the NF level, rounding for INT, no stored codes."""
+    blocks = to_blocks(weight, q.block_size)
+    scales = block_scales(weight, q)[:, None]
+    normalized = blocks / torch.where(scales > 0, scales, torch.ones_like(scales))
+    if q.kind == "nf":
+        levels = nf_codebook(q.bits)[torch.bucketize(normalized, _nf_midpoints(q.bits))]
+    else:
+        m = 2 ** (q.bits - 1) - 1
+        levels = torch.clamp(torch.round(normalized * m), -m - 1, m) / m
+    return (levels * scales).reshape(-1)[: weight.numel()].view(weight.shape).to(weight.dtype)
+
+
+@pytest.mark.parametrize("kind", ["nf", "int"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_codes_rebuild_the_bucketize_quantizer_exactly(kind, bits):
+    """quantize + dequantize (what fake_quantize and the weight cache's codes do) equal the direct
+    formula, with padding, an all-zero block, values at the scale and a bf16 weight; NF-8 and INT-8
+    use the whole byte; the codes take 1 + 4 / B0 bytes a weight."""
+    generator = torch.Generator().manual_seed(bits)
+    for shape in [(7, 13), (33, 64)]:
+        weight = torch.randn(shape, generator=generator) * 0.02
+        weight.view(-1)[:64] = 0  # whole blocks of zeros: zero scales
+        for dtype in (torch.float32, torch.bfloat16):
+            for block_size in (16, 64):
+                q = LayerQuant(kind=kind, bits=bits, block_size=block_size)
+                w = weight.to(dtype)
+                codes = quantize(w, q)
+                assert codes.index.dtype == (torch.uint8 if kind == "nf" else torch.int8)
+                assert codes.nbytes == codes.index.numel() * (1 + 4 / block_size)
+                expected = bucketize_fake_quantize(w, q)
+                assert torch.equal(dequantize(codes, dtype), expected)
+                assert torch.equal(fake_quantize(w, q), expected)
+    if bits == 8:  # the extreme codes survive the byte
+        codes = quantize(torch.linspace(-1, 1, 4096).view(64, 64), LayerQuant(kind=kind, bits=8, block_size=64))
+        index = codes.index.to(torch.int32)
+        assert int(index.max()) == (255 if kind == "nf" else 127)
+        assert int(index.min()) in ((0,) if kind == "nf" else (-128, -127))  # rounded scales may push past -1
 
 
 @pytest.mark.parametrize("source", ["normal", "minilm"])

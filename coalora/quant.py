@@ -66,8 +66,9 @@ def _nf_midpoints(bits: int) -> torch.Tensor:
 
 # The NF level index is looked up rather than binary-searched: [-1, 1] is cut into _NF_CELLS equal
 # cells, each cell stores how many midpoints lie below it and the one midpoint that may lie inside,
-# and one comparison finishes the count. Same index as torch.bucketize for every non-NaN float (a test checks
-# all NF-k at the midpoints and their neighbours); 3 x faster for NF-4, 8 x for NF-8 (bench/quant.py).
+# and one comparison finishes the count. Same index as torch.bucketize for every non-NaN float (a
+# test checks all NF-k at the midpoints and their neighbours); 3 x faster for NF-4, 8 x for NF-8
+# (bench/quant.py).
 # 4096 cells keep at most one NF-8 midpoint within a cell and its two neighbours (NF-8's closest
 # midpoints are 0.005 apart, three cells 0.0015), so rounding in the cell arithmetic cannot matter.
 _NF_CELLS = 4096

@@ -14,8 +14,8 @@ task head (PEFT SEQ_CLS `modules_to_save`) and theta are trained. The pieces:
   No forward method is patched.
 * `set_configuration` swaps fake-quantized base weights in, from a `WeightCache` (LRU, bounded in
   bytes, with the weights' one-byte codes behind them) so that switching back to a configuration
-  seen before does no quantization while the codes fit their budget; `base_weights_in` holds them in bf16 for a block of
-  bf16-autocast forwards.
+  seen before does no quantization while the codes fit their budget; `base_weights_in` holds them
+  in bf16 for a block of bf16-autocast forwards.
 * `materialize` folds A' = M_i A for one configuration and returns a stock PEFT LoRA adapter, to be
   loaded with `PeftModel.from_pretrained` on the backbone quantized by `quantize_weights_`.
 
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 ADAPTER = "default"  # the PEFT adapter name used throughout
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}  # our task type -> PEFT's
 DEFAULT_CACHE_BYTES = 2 * 1024**3
-DEFAULT_CODE_BYTES = 2 * 1024**3  # every NF matrix option of the default causal-LM pool: 1.2 GiB
+DEFAULT_CODE_BYTES = 2 * 1024**3  # every matrix option of the default causal-LM runs: 1.1 GiB of codes + scales
 CONFIGURATION_FILE = "quantization_configuration.json"  # written next to a materialized adapter
 SAVED_CONFIG = "coalora_config.json"  # a saved CoALoRAModel: what to rebuild it from ...
 SAVED_WEIGHTS = "coalora_model.safetensors"  # ... and every trained tensor (A, B, head, theta)

@@ -126,10 +126,11 @@ def double_quantize_scales(scales: torch.Tensor, scale_bits: int, scale_dtype: s
 
 def block_scales(weight: torch.Tensor, q: QuantParams, quantize_scales: bool = True) -> torch.Tensor:
     """Per-block scales [n_blocks] used by `fake_quantize`: absmax, double-quantized unless told not to."""
-    scales = to_blocks(weight, q.block_size).abs().amax(dim=1)
-    if not quantize_scales:
-        return scales
-    return double_quantize_scales(scales, q.scale_bits, q.scale_dtype, q.group_size)
+    return _finish_scales(to_blocks(weight, q.block_size).abs().amax(dim=1), q, quantize_scales)
+
+
+def _finish_scales(absmax: torch.Tensor, q: QuantParams, quantize_scales: bool) -> torch.Tensor:
+    return double_quantize_scales(absmax, q.scale_bits, q.scale_dtype, q.group_size) if quantize_scales else absmax
 
 
 def code_index(normalized: torch.Tensor, kind: str, bits: int) -> torch.Tensor:
@@ -181,12 +182,14 @@ def quantize(weight: torch.Tensor, q: QuantParams, quantize_scales: bool = True)
     """The codes of `weight` under `q` (see `fake_quantize`)."""
     if weight.numel() == 0:
         raise ValueError(f"cannot quantize an empty weight (shape {tuple(weight.shape)})")
-    bad = int((~torch.isfinite(weight.detach())).sum())
-    if bad:
-        raise ValueError(f"cannot quantize a weight of shape {tuple(weight.shape)} with {bad} NaN or infinite "
-                         f"entries: check the checkpoint it was loaded from")
     blocks = to_blocks(weight, q.block_size)                                      # [n, B0]
-    scales = block_scales(weight, q, quantize_scales)                             # [n]
+    absmax = blocks.abs().amax(dim=1)                                             # [n]
+    # amax propagates NaN and inf, so the blocks' maxima check every entry at a fraction of a full pass.
+    if not bool(torch.isfinite(absmax).all()):
+        bad = int((~torch.isfinite(blocks)).sum())
+        raise ValueError(f"cannot quantize a weight of shape {tuple(weight.shape)} with {bad} NaN or infinite "
+                         f"entries (in float32): check the checkpoint it was loaded from")
+    scales = _finish_scales(absmax, q, quantize_scales)                           # [n]
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))[:, None]
     index = code_index(blocks / safe, q.kind, q.bits)
     storage = torch.uint8 if q.kind == "nf" else torch.int8                      # NF-8: 0..255; INT-8: -128..127

@@ -10,7 +10,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 # A line each benchmark prints once it has measured everything it measures.
 LAST_LINE = {"quant.py": "cost table", "adapt.py": "training step with K=2", "search.py": "synthetic, 10 matrices (50)",
-             "train_step.py": "(K=2) bf16"}
+             "train_step.py": "(K=2) bf16", "memory.py": "memory per weights-tier budget: done"}
 
 
 def test_every_benchmark_is_covered():

@@ -193,6 +193,13 @@ def test_non_finite_weights_are_refused_not_spread(value):
         fake_quantize(weight, LayerQuant())
 
 
+def test_a_weight_beyond_float32_is_refused():
+    weight = torch.randn(8, 16, dtype=torch.float64)
+    weight[0, 0] = 1e300  # finite in float64, infinite once blocked in float32
+    with pytest.raises(ValueError, match=r"with 1 NaN or infinite entries \(in float32\)"):
+        fake_quantize(weight, LayerQuant())
+
+
 def test_an_empty_weight_is_refused():
     with pytest.raises(ValueError, match=r"empty weight \(shape \(0, 16\)\)"):
         fake_quantize(torch.empty(0, 16), LayerQuant())

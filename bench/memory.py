@@ -1,8 +1,8 @@
 """Peak memory of a worker's runs against the weight cache's budget.
 
 Runs the causal LM's CoA-LoRA and its theta-free twin (default preset, seed 0; `--task sst2` on SST-2)
-one after the other in one process, as a `make reproduce` worker does, once per weights-tier budget
-(`--budgets`, GiB; each in a fresh process, since a process's high-water mark only grows). For each run it prints the seconds, the
+one after the other in one process, as a `make reproduce` worker runs two of its runs, once per
+weights-tier budget (`--budgets`, GiB; each in a fresh process, since a high-water mark only grows). For each run it prints the seconds, the
 share of weight lookups the weights tier served, and resident memory sampled every 0.2 s at its peak,
 split by glibc's heap (`mallinfo2`): in use, freed but kept by the allocator, and mapped blocks. Every
 run is recomputed in a scratch COALORA_HOME that links this home's assets, so cached runs stay as they
@@ -16,6 +16,7 @@ import argparse
 import ctypes
 import ctypes.util
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -80,14 +81,12 @@ def child(preset: str, task: str, budget: float, threads: int) -> None:
               f"{hits + misses} lookups, peak resident {peak['resident']:.2f} GiB ({split or 'no glibc heap'}); "
               f"tiers hold {WEIGHT_CACHE.nbytes / GIB:.2f} + {WEIGHT_CACHE.codes.nbytes / GIB:.2f} GiB", flush=True)
     print(f"  process high-water {process.memory_info().rss / GIB:.2f} GiB now, "
-          f"{_high_water_kib() / 1024**2:.2f} GiB at most")
+          f"{_high_water_gib():.2f} GiB at most")
 
 
-def _high_water_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status: this benchmark reads Linux's process accounting")
+def _high_water_gib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / GIB if sys.platform == "darwin" else peak / 1024**2  # bytes on macOS, KiB on Linux
 
 
 def scratch_home(into: Path) -> Path:

@@ -52,9 +52,9 @@ log = logging.getLogger(__name__)
 
 ADAPTER = "default"  # the PEFT adapter name used throughout
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}  # our task type -> PEFT's
-# The default SST-2 pool's weights take 0.62 GiB, all kept. The causal LM's pool cycles through 4.4 GiB: an
-# LRU of 1 GiB serves 65 % of its lookups (2 GiB: 79 %); a miss is rebuilt from the codes in under 1 ms, a
-# few seconds a run, and the process peaks 2 GiB lower (docs/measurements.md#weight-cache).
+# Holds the default SST-2 pool's weights whole. The causal LM's pool outgrows any budget of this size, and
+# there a smaller one trades cheap rebuilds from the codes for less memory the allocator keeps fragmented
+# (docs/measurements.md#weight-cache).
 DEFAULT_CACHE_BYTES = 1 * 1024**3
 DEFAULT_CODE_BYTES = 2 * 1024**3  # every matrix option of the default causal-LM runs: 1.3 GiB of codes + scales
 CONFIGURATION_FILE = "quantization_configuration.json"  # written next to a materialized adapter

@@ -2,11 +2,11 @@
 
 Runs the causal LM's CoA-LoRA and its theta-free twin (default preset, seed 0; `--task sst2` on SST-2)
 one after the other in one process, as a `make reproduce` worker runs two of its runs, once per
-weights-tier budget (`--budgets`, GiB; each in a fresh process, since a high-water mark only grows). For each run it prints the seconds, the
-share of weight lookups the weights tier served, and resident memory sampled every 0.2 s at its peak,
-split by glibc's heap (`mallinfo2`): in use, freed but kept by the allocator, and mapped blocks. Every
-run is recomputed in a scratch COALORA_HOME that links this home's assets, so cached runs stay as they
-are. Results: docs/measurements.md#weight-cache.
+weights-tier budget (`--budgets`, GiB; each in a fresh process, since a high-water mark only grows).
+For each run it prints the seconds, the share of weight lookups the weights tier served, and resident
+memory sampled every 0.2 s at its peak, split by glibc's heap (`mallinfo2`): in use, freed but kept by
+the allocator, and mapped blocks. Every run is recomputed in a scratch COALORA_HOME that links this
+home's assets, so cached runs stay as they are. Results: docs/measurements.md#weight-cache.
 
 Run: `.venv/bin/python bench/memory.py` on an otherwise idle machine (part of `make bench`; about 13 min
 on 2 threads); `--quick` runs the smoke preset at 1 GiB, to check that the benchmark runs.

@@ -3,26 +3,42 @@
 Data flows one way: quant -> configs -> allocation -> hypernet -> lora -> search -> training ->
 metrics -> experiments -> studies -> plots, with presets/methods (the facts every layer shares) and
 models/data/assets (backbones, tasks and the offline files) underneath.
+
+The names below load on first use (PEP 562), so `import coalora` stays cheap and `python -m
+coalora.assets` runs a module that the package has not already imported.
 """
 
-from coalora.allocation import allocate
-from coalora.configs import Configuration, LayerQuant, Layout, MatrixSpec, QuantSpace
-from coalora.data import load_task
-from coalora.experiments import RunSpec, run_experiment
-from coalora.hypernet import ConfigAwareModel
-from coalora.lora import build_lora_model, from_pretrained, materialize, set_configuration
-from coalora.methods import METHODS
-from coalora.metrics import evaluate, hypervolume
-from coalora.models import load_backbone
-from coalora.quant import fake_quantize, storage_bits
-from coalora.presets import PRESETS
-from coalora.repro import provenance, seed_everything
-from coalora.search import SearchConfig
-from coalora.training import train
+import importlib
 
-__all__ = [
-    "METHODS", "PRESETS", "ConfigAwareModel", "Configuration", "LayerQuant", "Layout", "MatrixSpec", "QuantSpace",
-    "RunSpec", "SearchConfig",
-    "allocate", "build_lora_model", "evaluate", "fake_quantize", "from_pretrained", "hypervolume", "load_backbone", "load_task",
-    "materialize", "provenance", "run_experiment", "seed_everything", "set_configuration", "storage_bits", "train",
-]
+# name -> the module that defines it
+_EXPORTS = {
+    "allocate": "allocation",
+    "Configuration": "configs", "LayerQuant": "configs", "Layout": "configs", "MatrixSpec": "configs",
+    "QuantSpace": "configs",
+    "load_task": "data",
+    "RunSpec": "experiments", "run_experiment": "experiments",
+    "ConfigAwareModel": "hypernet",
+    "build_lora_model": "lora", "from_pretrained": "lora", "materialize": "lora", "set_configuration": "lora",
+    "METHODS": "methods",
+    "evaluate": "metrics", "hypervolume": "metrics",
+    "load_backbone": "models",
+    "fake_quantize": "quant", "storage_bits": "quant",
+    "PRESETS": "presets",
+    "provenance": "repro", "seed_everything": "repro",
+    "SearchConfig": "search",
+    "train": "training",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'coalora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"coalora.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

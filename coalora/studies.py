@@ -470,6 +470,14 @@ def references(rows: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def with_references(summary: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """`summary` (from `by_budget`) with the reference rows (`references`) appended under the budget
+    "full precision": what the notebooks write, so a ceiling a reading quotes stands in a results file."""
+    ref = references(rows).assign(budget="full precision")
+    return pd.concat([summary.astype({"budget": object}), ref[[c for c in summary.columns if c in ref]]],
+                     ignore_index=True)
+
+
 def paired_gaps(specs: Sequence[RunSpec], method: str, reference: str, scale: float = 100.0) -> pd.DataFrame:
     """`method` minus `reference` at each target budget and on average over them, with 95 % paired
     intervals over seeds and dev examples (coalora.stats): budget (NaN for the average),

@@ -50,7 +50,9 @@ hv = pd.concat([studies.hypervolumes(rows[s], QuantSpace.named(s).bits_range()).
 figures, results = studies.output_dirs(preset, output_root)
 parameters = dict(preset=preset, task=task, seeds=seeds)
 all_specs = specs["nf"] + specs["int"]
-studies.write_results(summary, results / "fig3_accuracy_by_bits.csv", parameters, all_specs)
+written = pd.concat([studies.with_references(studies.by_budget(rows[s]), rows[s]).assign(quantizer=s) for s in spaces],
+                    ignore_index=True)
+studies.write_results(written, results / "fig3_accuracy_by_bits.csv", parameters, all_specs)
 studies.write_results(points, results / "fig3_coalora_seen_unseen.csv", parameters, specs["nf"])
 studies.write_results(hv, results / "fig3_hypervolume.csv", parameters, all_specs)
 print("hypervolume over the four target configurations, mean ± std over seeds:")
@@ -72,9 +74,11 @@ seen = points.groupby("seen")["value"].agg(["mean", "count"])
 print("mean accuracy over the budgets (%):\n", mean_by.to_string())
 print(f"CoA-LoRA NF: seen {100 * seen.loc[True, 'mean']:.2f}% ({seen.loc[True, 'count']} configurations), "
       f"unseen {100 * seen.loc[False, 'mean']:.2f}% ({seen.loc[False, 'count']})")
-for space in spaces:
-    print(f"{space}: CoA-LoRA - CoA-LoRA without theta per budget (points, 95 % intervals):")
-    print(studies.paired_gaps(specs[space], "coalora", "coalora-no-theta").round(2).to_string(index=False))
+theta = pd.concat([studies.paired_gaps(specs[s], "coalora", "coalora-no-theta").assign(quantizer=s) for s in spaces],
+                  ignore_index=True)
+studies.write_results(theta, results / "fig3_coalora_minus_no_theta.csv", parameters, all_specs)
+print("CoA-LoRA - CoA-LoRA without theta per budget (points, 95 % intervals; budget NaN: the mean over budgets):")
+print(theta.round(2).to_string(index=False))
 claims.nf_claims(preset, task, seeds).round(3)
 
 # %% [markdown]

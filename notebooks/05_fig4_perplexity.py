@@ -44,7 +44,8 @@ summary = studies.by_budget(rows)
 hv = studies.hypervolumes(rows, QuantSpace.nf().bits_range())
 figures, results = studies.output_dirs(preset, output_root)
 parameters = dict(preset=preset, seeds=seeds, backbone=backbone)
-studies.write_results(summary, results / "fig4_perplexity_by_bits.csv", parameters, specs)
+studies.write_results(studies.with_references(summary, rows), results / "fig4_perplexity_by_bits.csv", parameters,
+                      specs)
 studies.write_results(hv, results / "fig4_hypervolume.csv", parameters, specs)
 summary.round(3)
 

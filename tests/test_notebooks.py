@@ -26,6 +26,8 @@ EXPECTED = {
     "04_fig3_bitwidth": {
         "fig3_accuracy_by_bits.csv": (["method", "budget", "mean", "std", "quantizer"], 32),
         "fig3_coalora_seen_unseen.csv": (["configuration_id", "avg_bits", "value", "seen"], 8),
+        "fig3_coalora_minus_no_theta.csv": (["budget", "estimate", "ci_low", "ci_high", "n_seeds", "quantizer"],
+                                            2 * (4 + 1)),
         "fig3_hypervolume.csv": (["method", "seed", "hypervolume", "quantizer"], 8)},
     "05_fig4_perplexity": {
         "fig4_perplexity_by_bits.csv": (["method", "budget", "mean", "std", "n_seeds"], 16),

@@ -262,6 +262,20 @@ def test_references_summarise_the_full_precision_rows():
     assert summary["mean"].iloc[0] == pytest.approx(0.82) and summary["std"].iloc[0] > 0
 
 
+def test_with_references_appends_the_ceiling_as_a_full_precision_row():
+    rows = frame(run_rows("qlora", 0, {3.0: 0.7, 4.0: 0.8}, {3.0: 1.0, 4.0: 1.0}))
+    ceiling = frame(run_rows("fp-lora", 0, {32.0: 0.84}, 1.0))
+    ceiling["configuration_set"], ceiling["budget"] = "reference", np.nan
+    rows = pd.concat([rows, ceiling])
+    summary = studies.by_budget(rows)
+    written = studies.with_references(summary, rows)
+    assert list(written.columns) == list(summary.columns)
+    assert list(written["budget"]) == [3.0, 4.0, "full precision"]
+    assert written.iloc[-1]["method"] == "fp-lora" and written.iloc[-1]["mean"] == pytest.approx(0.84)
+    pd.testing.assert_frame_equal(written.iloc[:2], summary.astype({"budget": object}), check_dtype=False,
+                                  check_categorical=False)
+
+
 # ---- wide_table ------------------------------------------------------------------------------------
 
 def test_wide_table_cells_and_columns():

@@ -8,7 +8,7 @@ The names below load on first use (PEP 562), so `import coalora` stays cheap and
 coalora.assets` runs a module that the package has not already imported.
 """
 
-import importlib
+import importlib as _importlib
 
 # name -> the module that defines it
 _EXPORTS = {
@@ -33,9 +33,17 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    if name not in _EXPORTS:
+    if name in _EXPORTS:
+        value = getattr(_importlib.import_module(f"coalora.{_EXPORTS[name]}"), name)
+    elif not name.startswith("_"):  # a submodule: `import coalora; coalora.configs` as an eager package allows
+        try:
+            value = _importlib.import_module(f"coalora.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"coalora.{name}":
+                raise
+            raise AttributeError(f"module 'coalora' has no attribute {name!r}") from None
+    else:
         raise AttributeError(f"module 'coalora' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"coalora.{_EXPORTS[name]}"), name)
     globals()[name] = value  # later lookups skip __getattr__
     return value
 

@@ -470,10 +470,14 @@ def references(rows: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+FULL_PRECISION = "full precision"  # the budget column's label for a reference (unquantized) row in results/
+
+
 def with_references(summary: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
-    """`summary` (from `by_budget`) with the reference rows (`references`) appended under the budget
-    "full precision": what the notebooks write, so a ceiling a reading quotes stands in a results file."""
-    ref = references(rows).assign(budget="full precision")
+    """`summary` (from `by_budget`, by method) with the reference rows (`references`) appended under
+    the budget FULL_PRECISION: what the notebooks write, so a ceiling a reading quotes stands in a
+    results file. Only `summary`'s columns are kept."""
+    ref = references(rows).assign(budget=FULL_PRECISION)
     return pd.concat([summary.astype({"budget": object}), ref[[c for c in summary.columns if c in ref]]],
                      ignore_index=True)
 

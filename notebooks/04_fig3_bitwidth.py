@@ -43,14 +43,15 @@ plots.use_style()
 spaces = ("nf", "int")
 specs = {space: studies.study_specs(preset, task, space, seeds=seeds) for space in spaces}
 rows = {space: studies.collect(specs[space], recompute) for space in spaces}
-summary = pd.concat([studies.by_budget(rows[s]).assign(quantizer=s) for s in spaces], ignore_index=True)
+by_space = {space: studies.by_budget(rows[space]) for space in spaces}
+summary = pd.concat([by_space[s].assign(quantizer=s) for s in spaces], ignore_index=True)
 points = studies.seen_vs_unseen(specs["nf"], recompute)
 hv = pd.concat([studies.hypervolumes(rows[s], QuantSpace.named(s).bits_range()).assign(quantizer=s)
                 for s in spaces], ignore_index=True)
 figures, results = studies.output_dirs(preset, output_root)
 parameters = dict(preset=preset, task=task, seeds=seeds)
 all_specs = specs["nf"] + specs["int"]
-written = pd.concat([studies.with_references(studies.by_budget(rows[s]), rows[s]).assign(quantizer=s) for s in spaces],
+written = pd.concat([studies.with_references(by_space[s], rows[s]).assign(quantizer=s) for s in spaces],
                     ignore_index=True)
 studies.write_results(written, results / "fig3_accuracy_by_bits.csv", parameters, all_specs)
 studies.write_results(points, results / "fig3_coalora_seen_unseen.csv", parameters, specs["nf"])
@@ -74,10 +75,10 @@ seen = points.groupby("seen")["value"].agg(["mean", "count"])
 print("mean accuracy over the budgets (%):\n", mean_by.to_string())
 print(f"CoA-LoRA NF: seen {100 * seen.loc[True, 'mean']:.2f}% ({seen.loc[True, 'count']} configurations), "
       f"unseen {100 * seen.loc[False, 'mean']:.2f}% ({seen.loc[False, 'count']})")
-theta = pd.concat([studies.paired_gaps(specs[s], "coalora", "coalora-no-theta").assign(quantizer=s) for s in spaces],
-                  ignore_index=True)
+theta = (pd.concat([studies.paired_gaps(specs[s], "coalora", "coalora-no-theta").assign(quantizer=s) for s in spaces],
+                   ignore_index=True).astype({"budget": object}).fillna({"budget": "mean"}))
 studies.write_results(theta, results / "fig3_coalora_minus_no_theta.csv", parameters, all_specs)
-print("CoA-LoRA - CoA-LoRA without theta per budget (points, 95 % intervals; budget NaN: the mean over budgets):")
+print("CoA-LoRA - CoA-LoRA without theta per budget and on average (points, 95 % intervals):")
 print(theta.round(2).to_string(index=False))
 claims.nf_claims(preset, task, seeds).round(3)
 

@@ -98,7 +98,7 @@ plots.save_figure(fig, figures, "scaling")
 # %%
 accuracy = studies.target_accuracy(specs)
 print("accuracy (%), mean over seeds:")
-print(accuracy.astype({"budget": object}).fillna({"budget": "full precision"})
+print(accuracy.astype({"budget": object}).fillna({"budget": studies.FULL_PRECISION})
       .pivot_table(index=["backbone", "n_train", "method"], columns="budget", values="accuracy").round(1).to_string())
 
 # %% [markdown]
@@ -109,7 +109,7 @@ print(accuracy.astype({"budget": object}).fillna({"budget": "full precision"})
 on = dropout_arm(None, {backbone: [n for n in ns if n in sizes[backbone]]  # the sizes with a checkpoint-dropout twin
                         for backbone, ns in dropout_off_n_trains.items()})
 dropout = (studies.target_accuracy(on + off).astype({"backbone_dropout": object, "budget": object})
-           .fillna({"backbone_dropout": "checkpoint", "budget": "full precision"}))
+           .fillna({"backbone_dropout": "checkpoint", "budget": studies.FULL_PRECISION}))
 studies.write_results(dropout, results / "scaling_dropout.csv", parameters, on + off)
 print(dropout.pivot_table(index=["backbone", "n_train", "method"], columns=["backbone_dropout", "budget"],
                           values="accuracy", aggfunc="mean").round(1).to_string())
@@ -135,7 +135,7 @@ print(heads.pivot_table(index=["backbone", "n_train", "method", "seed"], columns
 # %%
 probe = pd.concat([studies.feature_probe(backbone, probe_budgets, preset, task, probe_sentences, seed)
                    for backbone in backbones], ignore_index=True)
-probe = probe.astype({"budget": object}).fillna({"budget": "full precision"})
+probe = probe.astype({"budget": object}).fillna({"budget": studies.FULL_PRECISION})
 studies.write_results(probe, results / "scaling_probe.csv",
                       dict(parameters, probe_budgets=probe_budgets, probe_sentences=probe_sentences), [])
 probe.round(3)

@@ -51,6 +51,8 @@ EXPECTED = {
 # arm at the first, and the probe at two budgets.
 SMOKE = {"scaling": {"backbones": ["minilm-l6"], "n_trains": [32, 64], "mpnet_n_trains": [],
                      "dropout_off_n_trains": {"minilm-l6": [32]}, "probe_budgets": [None, 2.5], "probe_sentences": 32}}
+# Files whose readings quote the full-precision ceiling: it stands in them as a row of its own.
+WITH_CEILING = {"table1_sst2.csv", "fig3_accuracy_by_bits.csv", "fig4_perplexity_by_bits.csv"}
 SEQUENCE_KEYS = {spec.resolved().key() for spec in studies.sequence_specs("smoke", seeds=[0])}
 FIGURES = {"01_fig1_motivation": "fig1_motivation", "02_fig2_workflow": "fig2_workflow",
            "04_fig3_bitwidth": "fig3_bitwidth", "05_fig4_perplexity": "fig4_perplexity",
@@ -113,6 +115,9 @@ def test_notebook_runs_at_smoke_and_writes_its_files(notebook, tmp_path):
         assert set(columns) <= set(frame.columns), f"{name}: {sorted(frame.columns)}"
         assert len(frame) >= min_rows
         assert not frame[columns].isna().any().any(), f"NaN in {name}"
+        if name in WITH_CEILING:
+            ceiling = frame[frame["budget"] == studies.FULL_PRECISION]
+            assert list(ceiling["method"].unique()) == ["fp-lora"] and len(ceiling) >= 1, name
         record = json.loads((results / name).with_name(name.replace(".csv", ".provenance.json")).read_text())
         assert record["parameters"]["preset"] == "smoke" and record["rows"] == len(frame)
         assert all(run["key"] for run in record["runs"])

@@ -15,10 +15,16 @@ def test_each_top_level_name_is_its_modules_object(name):
     assert name in dir(coalora)
 
 
+def test_a_submodule_is_an_attribute_without_importing_it_first():
+    code = "import coalora; print(coalora.configs.QuantSpace.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "coalora.configs"
+
+
 def test_an_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="'nope'"):
         coalora.nope
-    assert not hasattr(coalora, "nope")
+    assert not hasattr(coalora, "nope") and not hasattr(coalora, "_nope")
 
 
 def test_import_coalora_loads_no_torch_and_assets_runs_as_a_module_without_warning():

@@ -476,10 +476,17 @@ FULL_PRECISION = "full precision"  # the budget column's label for a reference (
 def with_references(summary: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
     """`summary` (from `by_budget`, by method) with the reference rows (`references`) appended under
     the budget FULL_PRECISION: what the notebooks write, so a ceiling a reading quotes stands in a
-    results file. Only `summary`'s columns are kept."""
+    results file. Only `summary`'s columns are kept; budgets are written as numbers are ("3", "2.5")."""
     ref = references(rows).assign(budget=FULL_PRECISION)
-    return pd.concat([summary.astype({"budget": object}), ref[[c for c in summary.columns if c in ref]]],
-                     ignore_index=True)
+    return pd.concat([budget_labels(summary), ref[[c for c in summary.columns if c in ref]]], ignore_index=True)
+
+
+def budget_labels(frame: pd.DataFrame, missing: str = "mean") -> pd.DataFrame:
+    """`frame` with its numeric budget column as text ("3", "2.5"; NaN as `missing`, e.g. the mean
+    over budgets of `paired_gaps`), for a results file whose budget column also holds a label."""
+    labels = [missing if pd.isna(b) else f"{b:g}" if isinstance(b, (int, float, np.number)) else b
+              for b in frame["budget"]]
+    return frame.assign(budget=pd.Series(labels, index=frame.index, dtype=object))
 
 
 def paired_gaps(specs: Sequence[RunSpec], method: str, reference: str, scale: float = 100.0) -> pd.DataFrame:

@@ -29,6 +29,7 @@ import contextlib
 import copy
 import json
 import logging
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -247,7 +248,11 @@ def build_lora_model(backbone_model: nn.Module, layout: Layout, space: QuantSpac
     config = LoraConfig(task_type=PEFT_TASK_TYPES[task_type], r=rank, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=lora_target_modules(family),
                         modules_to_save=head_modules(family) if task_type == "classification" else None)
-    peft_model = get_peft_model(backbone_model, config)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` alias while it wraps a model: a
+        # FutureWarning per model about the two libraries, nothing a caller of coalora can change
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(backbone_model, config)
     theta = None
     if config_aware:
         device = next(backbone_model.parameters()).device

@@ -7,6 +7,7 @@ cover the mechanics; the real MiniLM-L6 checks the export round trip once.
 
 import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -48,6 +49,14 @@ def build(family: str, task_type: str, config_aware: bool = True, **kwargs):
     layout = models.matrix_layout(backbone, f"tiny-{family}")
     model = lora.build_lora_model(backbone, layout, NF, config_aware=config_aware, task_type=task_type, **kwargs)
     return model, twin
+
+
+@pytest.mark.parametrize("family,task_type", CASES)
+def test_building_warns_nothing(family, task_type):
+    """Wrapping is silent: a warning here would repeat for every run and every test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build(family, task_type)
 
 
 @torch.no_grad()

@@ -476,7 +476,7 @@ FULL_PRECISION = "full precision"  # the budget column's label for a reference (
 def with_references(summary: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
     """`summary` (from `by_budget`, by method) with the reference rows (`references`) appended under
     the budget FULL_PRECISION: what the notebooks write, so a ceiling a reading quotes stands in a
-    results file. Only `summary`'s columns are kept; budgets are written as numbers are ("3", "2.5")."""
+    results file. Only `summary`'s columns are kept; numeric budgets become text ("3", "2.5"; `budget_labels`)."""
     ref = references(rows).assign(budget=FULL_PRECISION)
     return pd.concat([budget_labels(summary), ref[[c for c in summary.columns if c in ref]]], ignore_index=True)
 

@@ -75,8 +75,8 @@ seen = points.groupby("seen")["value"].agg(["mean", "count"])
 print("mean accuracy over the budgets (%):\n", mean_by.to_string())
 print(f"CoA-LoRA NF: seen {100 * seen.loc[True, 'mean']:.2f}% ({seen.loc[True, 'count']} configurations), "
       f"unseen {100 * seen.loc[False, 'mean']:.2f}% ({seen.loc[False, 'count']})")
-theta = studies.budget_labels(pd.concat([studies.paired_gaps(specs[s], "coalora", "coalora-no-theta").assign(quantizer=s)
-                                         for s in spaces], ignore_index=True))
+gaps = [studies.paired_gaps(specs[s], "coalora", "coalora-no-theta").assign(quantizer=s) for s in spaces]
+theta = studies.budget_labels(pd.concat(gaps, ignore_index=True))
 studies.write_results(theta, results / "fig3_coalora_minus_no_theta.csv", parameters, all_specs)
 print("CoA-LoRA - CoA-LoRA without theta per budget and on average (points, 95 % intervals):")
 print(theta.round(2).to_string(index=False))

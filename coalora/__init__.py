@@ -9,6 +9,15 @@ coalora.assets` runs a module that the package has not already imported.
 """
 
 import importlib as _importlib
+import logging as _logging
+
+# On AVX-512 BF16 CPUs bitsandbytes, at import (which peft triggers), tries to fetch a fused inference kernel
+# from the model hub and logs a warning when it cannot. coalora never takes that path: it turns off the
+# repacking the kernel serves (models.disable_bnb_cpu_repacking), so offline every command would print the
+# line for nothing. Only that message is dropped.
+_HUB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not record.getMessage().startswith(_HUB_KERNEL_NOTICE))
 
 # name -> the module that defines it
 _EXPORTS = {

@@ -37,3 +37,10 @@ def test_import_coalora_loads_no_torch_and_assets_runs_as_a_module_without_warni
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "RuntimeWarning" not in done.stderr
+
+
+def test_importing_the_stack_prints_nothing():
+    """bitsandbytes' notice about a hub kernel coalora never uses is dropped, and nothing else is said."""
+    code = "import coalora.lora, coalora.models"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stderr == "" and done.stdout == ""

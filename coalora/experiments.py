@@ -127,14 +127,12 @@ class RunSpec:
         resolved = self.resolved()
         data = {"version": RUN_VERSION, "cost_tables": COST_TABLE_VERSION, **asdict(resolved),
                 "task": task_identity(self.task), "backbone": models.backbone_identity(resolved.backbone)}
-        if resolved.hp.backbone_dropout is None:  # the checkpoint's dropout: the key runs had before the knob
-            del data["hp"]["backbone_dropout"]
-        if resolved.hp.pool_draw == "uniform":  # the paper's draw, left out so its runs keep their keys
-            del data["hp"]["pool_draw"]
-        if resolved.hp.mask_draw == "torch":  # PyTorch's draw: out of the key, as runs without the field were keyed
-            del data["hp"]["mask_draw"]
-        if resolved.hp.warmup == 0:  # no warm-up: out of the key, as runs without the field were keyed
-            del data["hp"]["warmup"]
+        # A knob at its neutral value (the checkpoint's dropout, the paper's pool draw, PyTorch's mask draw,
+        # no warm-up) stays out of the hash, so adding a knob never changes the keys of the runs that leave it.
+        neutral = {"backbone_dropout": None, "pool_draw": "uniform", "mask_draw": "torch", "warmup": 0}
+        for name, value in neutral.items():
+            if getattr(resolved.hp, name) == value:
+                del data["hp"][name]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

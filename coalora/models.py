@@ -372,7 +372,7 @@ def load_backbone(name: str, task_type: str = "classification", num_labels: int 
 
 # Per family: module path inside a transformer block -> module type. The two `output.dense` of
 # BERT/RoBERTa (attention output and FFN output) are distinct types here; the official code
-# conflated them (docs/method.md#the-configuration-aware-model).
+# conflated them (docs/method.md#configuration-space).
 _BERT_BLOCK = {"attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
                "attention.output.dense": "attention.output", "intermediate.dense": "intermediate",
                "output.dense": "output"}

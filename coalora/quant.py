@@ -136,7 +136,8 @@ def _finish_scales(absmax: torch.Tensor, q: QuantParams, quantize_scales: bool) 
 def code_index(normalized: torch.Tensor, kind: str, bits: int) -> torch.Tensor:
     """The code of each value normalised by its block scale: NF, the index of the nearest NF-k level
     (int32; values beyond +-1 take the end levels); INT, the symmetric integer
-    q = clamp(round(x * m), -m - 1, m) with m = 2**(bits-1) - 1 (float32 holding integers; int2 is ternary)."""
+    q = clamp(round(x * m), -m - 1, m) with m = 2**(bits-1) - 1 (float32 holding integers; int2 is
+    ternary within +-1)."""
     if kind == "nf":
         return nf_index(normalized, bits)
     if kind == "int":

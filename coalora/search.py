@@ -98,9 +98,9 @@ class SearchConfig:
 
     mode: str = "frozen"  # "pareto", "frozen" or "random" (SEARCH_MODES)
     starts: int = 5  # S random starting points per round, as in the paper's code
-    steps: int = 10  # T moves at most per walk: the low end of the 10-20 that docs/method.md suggests
-    # U bit segments of the filter: the paper's 40 assumes pools of 50+; with 12-20 configurations
-    # 10 segments keep one or two per segment, so the set stays spread over the bit range.
+    steps: int = 10  # T moves at most per walk: the low end of the paper's 10-20
+    # U bit segments of the filter: the paper's 40 assumes pools of 50+; with the default preset's 15-21
+    # configurations 10 segments keep one to three per segment, so the set stays spread over the bit range.
     segments: int = 10
     batches: int = 4  # held-out training batches the loss objective is scored on: 128 sentences by default
     kernel: str = DEFAULT_KERNEL

@@ -21,7 +21,7 @@ import logging
 import multiprocessing
 import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,7 @@ from coalora.presets import RunSize, preset as get_preset
 from coalora.repro import (atomic_path, from_main, processes, provenance, seed_everything, write_directory,
                            write_json_atomic)
 from coalora.search import ConfigurationSearch, SearchConfig, fixed_batches
-from coalora.training import FULL_PRECISION, HyperParams, Trained, train
+from coalora.training import FULL_PRECISION, MAX_LQLORA_ITERATIONS, HyperParams, Trained, train
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,16 @@ N_UNSEEN_BUDGETS = 5  # ILP configurations half-way between CoA-LoRA's initial p
 # Fake-quantized weights shared by every run of this process: equal weights quantize alike, so a
 # notebook's runs over seeds and methods quantize each (matrix, option) once.
 WEIGHT_CACHE = lora.WeightCache()
+
+
+def preset_hyperparams(preset: str, epochs: int) -> HyperParams:
+    """The hyper-parameters of `preset`'s runs of `epochs` epochs: its precision and the fields it sets."""
+    chosen = get_preset(preset)
+    unknown = sorted(set(chosen.hp) - {f.name for f in fields(HyperParams)})
+    if unknown:
+        raise ValueError(f"preset {preset!r} sets unknown hyper-parameters {unknown}; valid: "
+                         f"{', '.join(f.name for f in fields(HyperParams))}")
+    return HyperParams(epochs=epochs, precision=chosen.precision, **chosen.hp)
 
 
 @dataclass(frozen=True)
@@ -113,11 +123,12 @@ class RunSpec:
         )
 
     def _hp(self, size, preset) -> HyperParams:
-        hp = self.hp or HyperParams(epochs=size.epochs, precision=preset.precision)
+        hp = self.hp or preset_hyperparams(preset.name, size.epochs)
         # theta's learning rate cannot change a method without theta, nor the pool draw a method without a
-        # pool: one cache key for equal runs.
+        # pool, nor LQ-LoRA's iterations another initialisation: one cache key for equal runs.
         method = get_method(self.method)
         hp = hp if method.theta and hp.theta_lr != hp.lr else replace(hp, theta_lr=None)  # None: the LoRA's rate
+        hp = hp if method.init == "lqlora" else replace(hp, lqlora_iterations=MAX_LQLORA_ITERATIONS)
         return hp if method.training == "pool" else replace(hp, pool_draw="uniform")
 
     def key(self) -> str:
@@ -127,9 +138,11 @@ class RunSpec:
         resolved = self.resolved()
         data = {"version": RUN_VERSION, "cost_tables": COST_TABLE_VERSION, **asdict(resolved),
                 "task": task_identity(self.task), "backbone": models.backbone_identity(resolved.backbone)}
-        # A knob at its neutral value (the checkpoint's dropout, the paper's pool draw, PyTorch's mask draw,
-        # no warm-up) stays out of the hash, so adding a knob never changes the keys of the runs that leave it.
-        neutral = {"backbone_dropout": None, "pool_draw": "uniform", "mask_draw": "torch", "warmup": 0}
+        # A knob at its neutral value (the checkpoint's dropout, the paper's pool draw, PyTorch's mask draw, no
+        # warm-up, LQ-LoRA's full iterations) stays out of the hash, so adding a knob never changes the keys of
+        # the runs that leave it.
+        neutral = {"backbone_dropout": None, "pool_draw": "uniform", "mask_draw": "torch", "warmup": 0,
+                   "lqlora_iterations": MAX_LQLORA_ITERATIONS}
         for name, value in neutral.items():
             if getattr(resolved.hp, name) == value:
                 del data["hp"][name]

@@ -46,6 +46,7 @@ class Preset:
     sizes: dict[str, RunSize]  # task type -> run size
     needs_hub: bool
     precision: str  # training and evaluation arithmetic, coalora.training.PRECISIONS
+    hp: dict[str, object]  # coalora.training.HyperParams fields this preset sets (the rest: their defaults)
 
     def backbone(self, task_type: str) -> str:
         return self.backbones[check_task_type(task_type)]
@@ -64,7 +65,7 @@ def _read(path: Path) -> dict[str, Preset]:
     with open(path, "rb") as f:
         table = tomllib.load(f)
     return {name: Preset(name, entry["backbones"], {t: RunSize(**size) for t, size in entry["sizes"].items()},
-                         entry["needs_hub"], entry["precision"])
+                         entry["needs_hub"], entry["precision"], entry.get("hp", {}))
             for name, entry in table.items()}
 
 

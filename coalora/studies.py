@@ -25,7 +25,6 @@ from coalora.data import task_identity, task_type
 from coalora.presets import preset as get_preset
 from coalora.repro import atomic_path, package_versions, write_json_atomic
 from coalora.search import SEARCH_MODES
-from coalora.training import HyperParams
 
 TASK_LABELS = {"sst2": "SST-2", "qnli": "QNLI", "mnli": "MNLI", "c4": "C4"}
 
@@ -73,7 +72,7 @@ def ablation_specs(preset: str, task: str, seeds: Iterable[int] = (0,), modes: I
     preset's). Every mode trains its first epoch on the same data order, so the modes differ only
     from the first search on; with E epochs the search refines the training set E - 1 times."""
     seeds = list(seeds)
-    fields = {} if epochs is None else {"hp": HyperParams(epochs=epochs, precision=get_preset(preset).precision)}
+    fields = {} if epochs is None else {"hp": experiments.preset_hyperparams(preset, epochs)}
     return [spec for mode in modes
             for spec in study_specs(preset, task, "nf", ["coalora"], seeds, search=mode, **fields)]
 

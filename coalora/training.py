@@ -110,9 +110,12 @@ class HyperParams:
     # one of ten with it) and no gain over the uniform draw holds its interval, on the default preset or on
     # MPNet-base (docs/measurements.md#the-low-bit-gap-of-the-pool, #the-scaling-study).
     pool_draw: str = "uniform"  # one of POOL_DRAWS
+    # LQ-LoRA's decomposition stops once its error stops falling or after this many iterations. The smoke
+    # preset takes 2, enough to run the stopping rule: 20 take most of a smoke run of the causal LM.
+    lqlora_iterations: int = MAX_LQLORA_ITERATIONS
 
     def __post_init__(self):
-        for name in ("rank", "alpha", "epochs", "configs_per_step", "micro_batches"):
+        for name in ("rank", "alpha", "epochs", "configs_per_step", "micro_batches", "lqlora_iterations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.backbone_dropout is not None and not 0 <= self.backbone_dropout < 1:
@@ -286,7 +289,7 @@ def _run_epochs(model, accelerator: Accelerator, batches: DataLoader, hp: HyperP
 
 # ---- low-rank initialisation: LQ-LoRA and LoftQ ------------------------------------------------------
 
-# (backbone, matrix, LayerQuant, rank, init, fingerprint of W) -> (B [out, r], A [r, in]) with B A ~ L:
+# (backbone, matrix, LayerQuant, rank, init, iterations, fingerprint of W) -> (B [out, r], A [r, in]), B A ~ L:
 # the fit depends only on the weight and its quantization, so every seed and run of a process shares it.
 _LOW_RANK: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 _LOW_RANK_ENTRIES = 4096  # about 20 configurations of a 200-matrix model; a few MB at r = 8
@@ -302,12 +305,13 @@ def _svd_r(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     return u[:, :rank] * root, root[:, None] * v[:, :rank].T
 
 
-def low_rank_fit(weight: torch.Tensor, lq, rank: int, init: str) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+def low_rank_fit(weight: torch.Tensor, lq, rank: int, init: str,
+                 max_iterations: int = MAX_LQLORA_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Factors B, A of a rank-r L with Q + L ~ W, and ||W - Q - L||_F after each iteration.
 
     "loftq" (LoftQ's order, one shot): Q = quant(W), then L = SVD_r(W - Q).
     "lqlora" (LQ-LoRA's order): Q starts at 0; L = SVD_r(W - Q), Q = quant(W - L), repeated while the
-    error falls (at most MAX_LQLORA_ITERATIONS); the factors of the lowest error are returned, so the
+    error falls (at most `max_iterations`); the factors of the lowest error are returned, so the
     fit never ends worse than its first iteration. Q is then quant(W - B A), recomputed where needed.
     """
     weight = weight.detach().float()
@@ -318,7 +322,7 @@ def low_rank_fit(weight: torch.Tensor, lq, rank: int, init: str) -> tuple[torch.
     if init != "lqlora":
         raise ValueError(f"unknown low-rank initialisation {init!r}; valid: 'lqlora', 'loftq'")
     base, errors, best = torch.zeros_like(weight), [], None
-    for _ in range(MAX_LQLORA_ITERATIONS):
+    for _ in range(max_iterations):
         b, a = _svd_r(weight - base, rank)
         base = fake_quantize(weight - b @ a, lq)
         error = float(torch.linalg.norm(weight - base - b @ a))
@@ -330,11 +334,11 @@ def low_rank_fit(weight: torch.Tensor, lq, rank: int, init: str) -> tuple[torch.
     return best[0], best[1], errors
 
 
-def _cached_fit(model, name: str, lq, rank: int, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _cached_fit(model, name: str, lq, rank: int, init: str, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
     weight = model.full_precision[name]
-    key = (model.layout.backbone, name, lq, rank, init, float(weight.float().sum()), tuple(weight.shape))
+    key = (model.layout.backbone, name, lq, rank, init, iterations, float(weight.float().sum()), tuple(weight.shape))
     if key not in _LOW_RANK:
-        _LOW_RANK[key] = low_rank_fit(weight, lq, rank, init)[:2]
+        _LOW_RANK[key] = low_rank_fit(weight, lq, rank, init, iterations)[:2]
         while len(_LOW_RANK) > _LOW_RANK_ENTRIES:
             _LOW_RANK.popitem(last=False)
     _LOW_RANK.move_to_end(key)
@@ -356,7 +360,7 @@ def low_rank_init_(model, configuration: Configuration, hp: HyperParams, init: s
     scaling = hp.alpha / hp.rank
     fits = {}
     for name, layer in model.lora_layers.items():
-        b, a = _cached_fit(model, name, configuration[name], hp.rank, init)
+        b, a = _cached_fit(model, name, configuration[name], hp.rank, init, hp.lqlora_iterations)
         lora.set_lora_factors(layer, a / math.sqrt(scaling), b / math.sqrt(scaling))
         fits[f"{name}::b"], fits[f"{name}::a"] = b, a
     if init == "lqlora":

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from coalora import experiments, lora, models
+from coalora import experiments, lora, models, training
 from coalora.configs import Configuration, QuantSpace
 from coalora.experiments import RunSpec, run_experiment
 from coalora.methods import METHODS
@@ -68,13 +68,14 @@ def test_run_writes_tidy_rows_and_caches(method, runs_in_tmp, monkeypatch):
         run_experiment(spec(method), recompute=True)
 
 
-def test_same_seed_same_numbers_other_seed_other_key(runs_in_tmp):
-    first = run_experiment(spec("shared"))
-    again = run_experiment(spec("shared"), recompute=True)
+@pytest.mark.parametrize("method", ["shared", "coalora", "lqlora", "fp-lora"])
+def test_same_seed_same_numbers_other_seed_other_key(method, runs_in_tmp):
+    first = run_experiment(spec(method))
+    again = run_experiment(spec(method), recompute=True)
     pd.testing.assert_frame_equal(first.drop(columns=["train_seconds", "eval_seconds"]),
                                   again.drop(columns=["train_seconds", "eval_seconds"]))
-    assert spec("shared", seed=1).key() != spec("shared").key()
-    assert spec("shared").key() == spec("shared").resolved().key()
+    assert spec(method, seed=1).key() != spec(method).key()
+    assert spec(method).key() == spec(method).resolved().key()
 
 
 def test_data_too_small_for_the_held_out_slice_is_an_error_not_an_untrained_model(runs_in_tmp, tmp_path):
@@ -92,6 +93,21 @@ def test_theta_learning_rate_splits_only_runs_with_theta():
     for method, splits in (("coalora", True), ("coalora-no-theta", False), ("qlora", False)):
         other = spec(method, hp=HyperParams(epochs=1, configs_per_step=8, theta_lr=3e-4))
         assert (other.key() != spec(method).key()) == splits, method
+
+
+def test_lqlora_iterations_split_only_lqlora_runs_and_the_smoke_preset_caps_them():
+    for method, splits in (("lqlora", True), ("loftq", False), ("qlora", False), ("coalora", False)):
+        other = spec(method, hp=HyperParams(epochs=1, configs_per_step=8, lqlora_iterations=3))
+        assert (other.key() != spec(method).key()) == splits, method
+    smoke = {m: RunSpec("smoke", "sst2", m).resolved().hp.lqlora_iterations for m in ("lqlora", "loftq")}
+    assert smoke == {"lqlora": 2, "loftq": training.MAX_LQLORA_ITERATIONS}
+    assert RunSpec("default", "sst2", "lqlora").resolved().hp.lqlora_iterations == training.MAX_LQLORA_ITERATIONS
+
+
+def test_a_preset_setting_an_unknown_hyperparameter_names_the_valid_ones(monkeypatch):
+    monkeypatch.setitem(experiments.get_preset("smoke").hp, "lqlora_iterationz", 2)
+    with pytest.raises(ValueError, match="unknown hyper-parameters \\['lqlora_iterationz'\\]; valid: .*lqlora_iterations"):
+        RunSpec("smoke", "sst2", "lqlora").key()
 
 
 def test_the_learning_rate_schedule_splits_runs():

@@ -199,6 +199,8 @@ def test_lqlora_stops_when_its_error_stops_falling_on_real_minilm_weights(minilm
     final = float(torch.linalg.norm(weight - fake_quantize(weight - b @ a, lq) - b @ a))
     assert final == pytest.approx(min(errors)) and final <= errors[0]
     assert len(errors) < MAX_LQLORA_ITERATIONS or errors == sorted(errors, reverse=True)
+    capped = low_rank_fit(weight, lq, 8, "lqlora", max_iterations=2)[2]
+    assert capped == errors[:2]  # a cap keeps the same iterations, fewer of them
     *_, (loftq,) = low_rank_fit(weight, lq, 8, "loftq")
     print(f"||W - Q - L||: LQ-LoRA order {errors} (kept {final:.3f}), LoftQ order {loftq:.3f}")
     assert final < float(torch.linalg.norm(weight - fake_quantize(weight, lq)))

@@ -129,19 +129,18 @@ def test_notebook_runs_at_smoke_and_writes_its_files(notebook, tmp_path):
     assert not list((tmp_path / "results").rglob(".*.tmp*")), "temporary files left behind"
 
 
-def test_table1_rewrites_identical_files_on_a_cache_hit_and_same_numbers_on_recompute(tmp_path):
+def test_table1_rewrites_identical_files_on_a_cache_hit(tmp_path):
+    # Files written from freshly computed runs equal those written from the same runs read back from the
+    # cache. That a recomputed run gives the same numbers is tested per method (test_experiments.py).
     notebook = ROOT / "notebooks" / "03_table1.ipynb"
-    first, second, third = (tmp_path / name for name in ("a", "b", "c"))
-    # Both computations in this process: a run's last digits depend on the thread count it trained with.
-    for out, recompute in ((first, True), (second, False), (third, True)):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for out, recompute in ((first, True), (second, False)):
         out.mkdir()
         _execute(notebook, out, recompute=recompute)
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file() and p.suffix in (".csv", ".json"))
     assert files
     for f in files:
         assert (first / f).read_bytes() == (second / f).read_bytes(), f
-    table = Path("results/smoke/table1_sst2.csv")
-    pd.testing.assert_frame_equal(pd.read_csv(first / table), pd.read_csv(third / table))
 
 
 def test_table1_names_the_preset_for_tasks_without_an_offline_source(tmp_path):

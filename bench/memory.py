@@ -104,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the smoke preset on SST-2, 1 GiB: checks that it runs")
     parser.add_argument("--budgets", default="2,1", help="weights-tier budgets in GiB, comma-separated")
-    parser.add_argument("--task", default="c4", help="the causal LM's c4 (default) or a classification task")
+    parser.add_argument("--task", help="c4, the causal LM's (default), or a classification task (--quick: sst2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)  # one budget, in this process
     parser.add_argument("--preset", default="default", help=argparse.SUPPRESS)
@@ -113,7 +113,7 @@ def main() -> None:
         child(args.preset, args.task, args.child, args.threads)
         return
     preset, budgets = ("smoke", [1.0]) if args.quick else ("default", [float(b) for b in args.budgets.split(",")])
-    task = "sst2" if args.quick else args.task  # MiniLM-L6's runs: a quarter of SmolLM2's time
+    task = args.task or ("sst2" if args.quick else "c4")  # quick: MiniLM-L6's runs, a quarter of SmolLM2's time
     for budget in budgets:
         with tempfile.TemporaryDirectory(prefix="coalora-memory-") as folder:
             env = {**os.environ, "COALORA_HOME": str(scratch_home(Path(folder)))}

@@ -62,10 +62,12 @@ WEIGHT_CACHE = lora.WeightCache()
 def preset_hyperparams(preset: str, epochs: int) -> HyperParams:
     """The hyper-parameters of `preset`'s runs of `epochs` epochs: its precision and the fields it sets."""
     chosen = get_preset(preset)
-    unknown = sorted(set(chosen.hp) - {f.name for f in fields(HyperParams)})
+    # epochs come from the preset's run sizes and precision from its own key, so its hp table sets neither.
+    valid = [f.name for f in fields(HyperParams) if f.name not in ("epochs", "precision")]
+    unknown = sorted(set(chosen.hp) - set(valid))
     if unknown:
-        raise ValueError(f"preset {preset!r} sets unknown hyper-parameters {unknown}; valid: "
-                         f"{', '.join(f.name for f in fields(HyperParams))}")
+        raise ValueError(f"preset {preset!r} sets hyper-parameters {unknown} in its hp table; valid: "
+                         f"{', '.join(valid)} (epochs: sizes.*.epochs; precision: the preset's precision key)")
     return HyperParams(epochs=epochs, precision=chosen.precision, **chosen.hp)
 
 
@@ -83,7 +85,9 @@ class RunSpec:
     backbone: str | None = None  # None: the preset's backbone for the task's type
     eval_budgets: tuple[float, ...] | None = None  # None: EVAL_BUDGETS[quantizer]
     unseen_budgets: tuple[float, ...] | None = None  # None: off the pool grid, see unseen_budgets()
-    hp: HyperParams | None = None  # None: HyperParams() with the run size's epochs
+    # None: preset_hyperparams(preset, the run size's epochs). A given hp replaces all of it, the preset's
+    # precision and hp table included: start from replace(spec.resolved().hp, ...) to change one field.
+    hp: HyperParams | None = None
     size: RunSize | None = None  # None: the preset's run size for the task's type
     search: SearchConfig = SearchConfig()  # how CoA-LoRA's training set is refined after each epoch
     pool_range: tuple[float, float] = POOL_RANGE  # budgets of CoA-LoRA's initial training set

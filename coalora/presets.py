@@ -39,7 +39,8 @@ class RunSize:
 
 @dataclass(frozen=True)
 class Preset:
-    """One preset: backbone and run size per task type, output folder, and whether it needs the hub."""
+    """One preset: backbone and run size per task type, output folder, whether it needs the hub, its
+    arithmetic and the hyper-parameters it sets."""
 
     name: str
     backbones: dict[str, str]  # task type -> backbone name (coalora.models.BACKBONES)

@@ -289,8 +289,8 @@ def _run_epochs(model, accelerator: Accelerator, batches: DataLoader, hp: HyperP
 
 # ---- low-rank initialisation: LQ-LoRA and LoftQ ------------------------------------------------------
 
-# (backbone, matrix, LayerQuant, rank, init, iterations, fingerprint of W) -> (B [out, r], A [r, in]), B A ~ L:
-# the fit depends only on the weight and its quantization, so every seed and run of a process shares it.
+# (backbone, matrix, LayerQuant, rank, init, LQ-LoRA's iteration cap, fingerprint of W) -> (B [out, r], A [r, in]),
+# B A ~ L: the fit depends on nothing else (no seed, no data), so every run of a process shares it.
 _LOW_RANK: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 _LOW_RANK_ENTRIES = 4096  # about 20 configurations of a 200-matrix model; a few MB at r = 8
 
@@ -336,7 +336,8 @@ def low_rank_fit(weight: torch.Tensor, lq, rank: int, init: str,
 
 def _cached_fit(model, name: str, lq, rank: int, init: str, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
     weight = model.full_precision[name]
-    key = (model.layout.backbone, name, lq, rank, init, iterations, float(weight.float().sum()), tuple(weight.shape))
+    cap = iterations if init == "lqlora" else None  # LoftQ's one shot has none
+    key = (model.layout.backbone, name, lq, rank, init, cap, float(weight.float().sum()), tuple(weight.shape))
     if key not in _LOW_RANK:
         _LOW_RANK[key] = low_rank_fit(weight, lq, rank, init, iterations)[:2]
         while len(_LOW_RANK) > _LOW_RANK_ENTRIES:

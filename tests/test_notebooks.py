@@ -131,7 +131,7 @@ def test_notebook_runs_at_smoke_and_writes_its_files(notebook, tmp_path):
 
 def test_table1_rewrites_identical_files_on_a_cache_hit(tmp_path):
     # Files written from freshly computed runs equal those written from the same runs read back from the
-    # cache. That a recomputed run gives the same numbers is tested per method (test_experiments.py).
+    # cache. That a recomputed run gives the same numbers is tested per method of the table (test_experiments.py).
     notebook = ROOT / "notebooks" / "03_table1.ipynb"
     first, second = tmp_path / "a", tmp_path / "b"
     for out, recompute in ((first, True), (second, False)):

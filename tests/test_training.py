@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, BertConfig
 
-from coalora import lora, models
+from coalora import lora, models, training
 from coalora.allocation import allocate
 from coalora.configs import Configuration, LayerQuant, QuantSpace
 from coalora.methods import METHODS
@@ -188,6 +188,19 @@ def test_lqlora_base_weight_survives_evaluation_and_reloads_from_the_stored_fit(
     lora.set_configuration(model, configs[1])  # away and back: the base is rebuilt from the stored fit
     trained.load_for(configs[0])
     assert torch.equal(model.lora_layers[name].get_base_layer().weight, base)
+
+
+def test_lqlora_iterations_reach_every_fit(monkeypatch):
+    caps = []
+
+    def recording(weight, lq, rank, init, max_iterations=MAX_LQLORA_ITERATIONS):
+        caps.append(max_iterations)
+        return low_rank_fit(weight, lq, rank, init, max_iterations)
+    monkeypatch.setattr(training, "low_rank_fit", recording)
+    monkeypatch.setattr(training, "_LOW_RANK", type(training._LOW_RANK)())
+    model, configs = tiny_model(config_aware=False)
+    train("lqlora", model, configs[:1], toy_batches(1), HyperParams(rank=4, epochs=1, lqlora_iterations=1))
+    assert caps and set(caps) == {1} and len(caps) == len(model.lora_layers)
 
 
 def test_lqlora_stops_when_its_error_stops_falling_on_real_minilm_weights(minilm_weights):

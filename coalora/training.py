@@ -110,8 +110,8 @@ class HyperParams:
     # one of ten with it) and no gain over the uniform draw holds its interval, on the default preset or on
     # MPNet-base (docs/measurements.md#the-low-bit-gap-of-the-pool, #the-scaling-study).
     pool_draw: str = "uniform"  # one of POOL_DRAWS
-    # LQ-LoRA's decomposition stops once its error stops falling or after this many iterations. The smoke
-    # preset takes 2, enough to run the stopping rule: 20 take most of a smoke run of the causal LM.
+    # LQ-LoRA's decomposition stops once its error stops falling or after this many iterations (a preset's hp
+    # table in coalora/presets.toml may set fewer).
     lqlora_iterations: int = MAX_LQLORA_ITERATIONS
 
     def __post_init__(self):

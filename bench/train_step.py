@@ -3,9 +3,11 @@
 On the default preset's model and batch shape (MiniLM-L6, r = 8, 32 RT sentences padded to the batch's
 longest), times a QLoRA step (one configuration) and a CoA-LoRA step (K = 2 configurations, gradients
 summed) in fp32 and under `torch.autocast(dtype=torch.bfloat16)`, after warm-up with the quantized weights
-cached; in bf16 the frozen base weights are held in bf16 as training holds them (`--no-held`: in fp32,
-cast again at every forward), and dropout draws its masks as training does (`--mask-draw torch`: PyTorch's
-own draw). The floor of a step is its FLOPs (counted by `torch.utils.flop_counter` over
+cached; in bf16 the frozen base weights are held in bf16 as training holds them, without PEFT's cast of
+each LoRA input to fp32 (`--no-held`: base weights in fp32, cast again at every forward, and PEFT's casts
+kept), and dropout draws its masks as training does (`--mask-draw torch`: PyTorch's own draw).
+`--cast-ab` times bf16 steps alternately with and without PEFT's input casts in one process, so the
+machine's drift falls on both alike. The floor of a step is its FLOPs (counted by `torch.utils.flop_counter` over
 forward and backward) divided by the measured throughput of a large matmul in the same precision; the ratio
 says how far the step is from what the arithmetic alone would take. One profiled step then splits the
 time by kind of op (`KINDS`): the matmuls against the same floor, and what the FLOP count does not see.
@@ -69,6 +71,8 @@ def main() -> None:
                         help="keep the frozen base weights in fp32 under bf16 autocast (cast at every forward)")
     parser.add_argument("--mask-draw", default=HyperParams().mask_draw, choices=MASK_DRAWS,
                         help="how dropout draws its masks (default: training's)")
+    parser.add_argument("--cast-ab", action="store_true",
+                        help="only bf16 steps, alternately with and without PEFT's input casts (held weights)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -106,6 +110,9 @@ def main() -> None:
             """The base weights as training holds them: bf16 for a bf16 step (`training.held_weights`)."""
             return held_weights(model, name) if args.held else contextlib.nullcontext()
 
+        if args.cast_ab:
+            cast_ab(model, lambda: step(torch.bfloat16), method, k, steps)
+            continue
         for name, dtype in PRECISIONS.items():
             with held(name):
                 step(dtype)  # warm-up: quantized weights cached, kernels chosen
@@ -124,6 +131,25 @@ def main() -> None:
                   f"(batch {tuple(batch['input_ids'].shape)})")
             print(f"{'':14s}profiled step: " + ", ".join(f"{kind} {s:.3f} s" for kind, s in kinds.items())
                   + f"; matmul alone {kinds['matmul'] / floor:.1f} x the floor")
+
+
+def cast_ab(model, step, method: str, k: int, steps: int) -> None:
+    """Median seconds of bf16 steps with PEFT's cast of each LoRA input to A's fp32 dtype, which autocast
+    casts straight back (`cast_input_dtype_enabled`, turned off by `held_weights`), and without it,
+    alternating step by step."""
+    seconds = {True: [], False: []}
+    with held_weights(model, "bf16"):
+        for i in range(2 + 2 * steps):  # the first pair warms up
+            cast = i % 2 == 0
+            for layer in model.lora_layers.values():
+                layer.cast_input_dtype_enabled = cast
+            start = time.perf_counter()
+            step()
+            if i >= 2:
+                seconds[cast].append(time.perf_counter() - start)
+    with_cast, without = (statistics.median(seconds[c]) for c in (True, False))
+    print(f"{method:8s} (K={k}) bf16: {with_cast:.3f} s/step with PEFT's input casts, {without:.3f} s without "
+          f"({without / with_cast - 1:+.0%}), medians of {steps} alternating steps each")
 
 
 if __name__ == "__main__":

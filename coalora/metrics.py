@@ -45,8 +45,11 @@ def evaluate(model: torch.nn.Module, configuration: Configuration | None,
     with held_weights(model, precision):
         for batch in tqdm(batches, desc=f"eval {name}", leave=False):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            # A causal LM's per-token losses are computed below; given the labels, the model would also
+            # compute their mean over the whole vocabulary (docs/measurements.md#training-step).
+            inputs = batch if task_type == "classification" else {k: v for k, v in batch.items() if k != "labels"}
             with autocast(device, precision):
-                out = model(**batch)
+                out = model(**inputs)
             if task_type == "classification":
                 n = batch["labels"].numel()
                 per_example.append((out.logits.argmax(-1) == batch["labels"]).to(torch.float32).cpu())

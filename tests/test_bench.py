@@ -23,3 +23,10 @@ def test_benchmark_runs_in_quick_mode(name):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert LAST_LINE[name] in done.stdout, done.stdout[-2000:]
+
+
+def test_train_step_cast_comparison_runs_in_quick_mode():
+    done = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--quick", "--cast-ab"], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("without (") == 2, done.stdout[-2000:]

@@ -7,6 +7,7 @@ cover the mechanics; the real MiniLM-L6 checks the export round trip once.
 
 import contextlib
 import copy
+import math
 import warnings
 
 import pytest
@@ -187,6 +188,28 @@ def test_configurations_change_outputs(family, task_type):
     assert torch.equal(logits(lora.set_configuration(model, uniform(model, LOW)), ids), low)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_causal_lm_evaluation_scores_the_models_own_loss_without_asking_for_it(precision, monkeypatch):
+    """Perplexity is exp of the model's mean token loss, while the model itself never gets the labels
+    (it would compute that loss over the whole vocabulary a second time)."""
+    from coalora.metrics import evaluate
+    from coalora.training import autocast, held_weights
+    model, _ = build("llama", "causal-lm", config_aware=False)
+    perturb_(model)
+    configuration = uniform(model, LOW)
+    batches = [{"input_ids": tokens(seed, (2, 7)), "labels": tokens(seed, (2, 7))} for seed in (0, 1)]
+    lora.set_configuration(model, configuration)
+    with torch.no_grad(), held_weights(model, precision), autocast(torch.device("cpu"), precision):
+        losses = [model(**batch).loss for batch in batches]  # HF's mean over each batch's 2 x 6 tokens
+    forward, given = model.forward, []
+    monkeypatch.setattr(model, "forward", lambda **kw: given.append(set(kw)) or forward(**kw))
+    result = evaluate(model, configuration, batches, "causal-lm", precision)
+    assert given == [{"input_ids"}] * 2
+    assert result["loss"] == pytest.approx(float(torch.stack(losses).float().mean()), rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    assert result["per_example"].shape == (4,)
+
+
 # ---- weight cache ----------------------------------------------------------------------------------
 
 def test_switching_back_does_not_requantize(count_quantizations):
@@ -327,12 +350,15 @@ def test_base_weights_held_in_bf16_change_no_number_under_autocast(family, task_
                 lora.set_configuration(model, configuration)
                 dtypes = {layer.get_base_layer().weight.dtype for layer in model.lora_layers.values()}
                 assert dtypes == {torch.bfloat16 if hold else torch.float32}
+                casts = {layer.cast_input_dtype_enabled for layer in model.lora_layers.values()}
+                assert casts == {not hold}  # held: no cast of the input to A's fp32 that autocast undoes
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     loss = model(input_ids=ids, labels=labels).loss
                 loss.backward()
                 losses.append(loss.detach())
         weights = [layer.get_base_layer().weight for layer in model.lora_layers.values()]
         assert all(w.dtype == torch.float32 and not w.requires_grad for w in weights)
+        assert all(layer.cast_input_dtype_enabled for layer in model.lora_layers.values())
         expected = [model.weight_cache.get((model.fingerprints[name], configurations[1][name], w.device, w.dtype),
                                            lambda: None) for name, w in zip(model.layout.names, weights)]
         assert all(torch.equal(w, e) for w, e in zip(weights, expected))  # the last configuration, in fp32

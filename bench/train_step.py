@@ -6,8 +6,8 @@ summed) in fp32 and under `torch.autocast(dtype=torch.bfloat16)`, after warm-up 
 cached; in bf16 the frozen base weights are held in bf16 as training holds them, without PEFT's cast of
 each LoRA input to fp32 (`--no-held`: base weights in fp32, cast again at every forward, and PEFT's casts
 kept), and dropout draws its masks as training does (`--mask-draw torch`: PyTorch's own draw).
-`--cast-ab` times bf16 steps alternately with and without PEFT's input casts in one process, so the
-machine's drift falls on both alike. The floor of a step is its FLOPs (counted by `torch.utils.flop_counter` over
+Last, bf16 steps alternately with and without PEFT's input casts in one process, so that the machine's
+drift falls on both alike. The floor of a step is its FLOPs (counted by `torch.utils.flop_counter` over
 forward and backward) divided by the measured throughput of a large matmul in the same precision; the ratio
 says how far the step is from what the arithmetic alone would take. One profiled step then splits the
 time by kind of op (`KINDS`): the matmuls against the same floor, and what the FLOP count does not see.
@@ -71,8 +71,6 @@ def main() -> None:
                         help="keep the frozen base weights in fp32 under bf16 autocast (cast at every forward)")
     parser.add_argument("--mask-draw", default=HyperParams().mask_draw, choices=MASK_DRAWS,
                         help="how dropout draws its masks (default: training's)")
-    parser.add_argument("--cast-ab", action="store_true",
-                        help="only bf16 steps, alternately with and without PEFT's input casts (held weights)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -110,9 +108,6 @@ def main() -> None:
             """The base weights as training holds them: bf16 for a bf16 step (`training.held_weights`)."""
             return held_weights(model, name) if args.held else contextlib.nullcontext()
 
-        if args.cast_ab:
-            cast_ab(model, lambda: step(torch.bfloat16), method, k, steps)
-            continue
         for name, dtype in PRECISIONS.items():
             with held(name):
                 step(dtype)  # warm-up: quantized weights cached, kernels chosen
@@ -131,6 +126,7 @@ def main() -> None:
                   f"(batch {tuple(batch['input_ids'].shape)})")
             print(f"{'':14s}profiled step: " + ", ".join(f"{kind} {s:.3f} s" for kind, s in kinds.items())
                   + f"; matmul alone {kinds['matmul'] / floor:.1f} x the floor")
+        cast_ab(model, lambda: step(torch.bfloat16), method, k, steps)
 
 
 def cast_ab(model, step, method: str, k: int, steps: int) -> None:

@@ -10,7 +10,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 # A line each benchmark prints once it has measured everything it measures.
 LAST_LINE = {"quant.py": "cost table", "adapt.py": "training step with K=2", "search.py": "synthetic, 10 matrices (50)",
-             "train_step.py": "(K=2) bf16", "memory.py": "memory per weights-tier budget: done"}
+             "train_step.py": "s/step with PEFT's input casts", "memory.py": "memory per weights-tier budget: done"}
 
 
 def test_every_benchmark_is_covered():
@@ -24,9 +24,3 @@ def test_benchmark_runs_in_quick_mode(name):
     assert done.returncode == 0, done.stderr[-2000:]
     assert LAST_LINE[name] in done.stdout, done.stdout[-2000:]
 
-
-def test_train_step_cast_comparison_runs_in_quick_mode():
-    done = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--quick", "--cast-ab"], capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("without (") == 2, done.stdout[-2000:]

@@ -11,13 +11,17 @@ before solving; some optimal solution never uses them, and the ILP shrinks ~10x.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
+import scipy
 import scipy.sparse
 import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -28,7 +32,7 @@ from coalora.configs import Configuration, LayerQuant, Layout, MatrixSpec, Quant
 from coalora.names import check_name
 from coalora.presets import preset as get_preset
 from coalora.quant import double_quantize_scales, snap_to_code, to_blocks
-from coalora.repro import atomic_path, from_main, processes
+from coalora.repro import atomic_path, from_main, processes, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +52,9 @@ COST_TABLE_SAMPLE = 2**22
 SAMPLE_CHUNK = 64  # a multiple of every block size, so a sampled chunk is whole blocks at any size
 # ILP solutions of this process: (table digest, budget) -> (choice, cost); see solve_allocation.
 _SOLVED: dict[tuple[str, float], tuple[np.ndarray, float]] = {}
+# HiGHS's options. A solve ends well inside the time limit (a SmolLM2 table: 2-5 s on 2 CPU cores); the gap
+# makes the solution the optimum for every table here, so a stored one is the one a fresh solve returns.
+MILP_OPTIONS = {"time_limit": 60, "mip_rel_gap": 1e-7}
 
 
 @dataclass
@@ -190,14 +197,45 @@ def fisher_diagonal(model: torch.nn.Module, matrices: Mapping[str, torch.nn.Modu
 def solve_allocation(table: CostTable, budget: float) -> tuple[np.ndarray, float]:
     """Solve the ILP. Returns (option index per matrix [N], total cost).
 
-    Solutions are remembered for the life of the process, keyed by the table's contents and the
-    budget: a notebook asks for the same budgets once per method and seed, and a solve on a 200-matrix
-    model takes seconds."""
+    Solutions are remembered for the life of the process and stored under $COALORA_HOME/allocations,
+    keyed by the table's contents, the budget and the solver (`_solution_path`): every run, notebook
+    and worker process asks for the same few budgets, and a solve on SmolLM2's 210 matrices takes 2-5 s."""
     key = (_table_digest(table), float(budget))
     if key not in _SOLVED:
-        _SOLVED[key] = _solve(table, budget)
+        _SOLVED[key] = _stored_solution(table, budget, _solution_path(*key))
     choice, cost = _SOLVED[key]
     return choice.copy(), cost
+
+
+def _solution_path(table_digest: str, budget: float) -> Path:
+    """Where the solution of one table and budget is stored; the name changes with the solver's code,
+    its options and SciPy's version (which ships HiGHS), so no edit reads a solution it would not give."""
+    solver = _solver_identity(json.dumps(MILP_OPTIONS, sort_keys=True))
+    digest = hashlib.sha256(f"{table_digest}\n{float(budget)!r}\n{solver}".encode()).hexdigest()
+    return assets.home() / "allocations" / f"{digest[:32]}.json"
+
+
+@functools.cache
+def _solver_identity(options: str) -> str:
+    return "\n".join([inspect.getsource(_solve), inspect.getsource(pareto_options), scipy.__version__, options])
+
+
+def _stored_solution(table: CostTable, budget: float, path: Path) -> tuple[np.ndarray, float]:
+    """The stored solution at `path` if there is a valid one, else a fresh solve, stored when optimal."""
+    n, n_options = table.costs.shape
+    if path.exists():
+        try:
+            choice = np.array(json.loads(path.read_text())["choice"], dtype=np.int64)
+            if choice.shape == (n,) and ((0 <= choice) & (choice < n_options)).all():
+                return choice, float(table.costs[np.arange(n), choice].sum())
+            reason = f"{choice.shape[0]} choices for {n} matrices or an option outside [0, {n_options})"
+        except (ValueError, KeyError, TypeError) as err:
+            reason = f"{type(err).__name__}: {err}"
+        logger.warning("solving again: the stored allocation %s is unreadable (%s)", path, reason)
+    choice, cost, optimal = _solve(table, budget)
+    if optimal:
+        write_text_atomic(path, json.dumps({"budget": float(budget), "choice": choice.tolist()}))
+    return choice, cost
 
 
 def _table_digest(table: CostTable) -> str:
@@ -208,7 +246,8 @@ def _table_digest(table: CostTable) -> str:
     return digest.hexdigest()
 
 
-def _solve(table: CostTable, budget: float) -> tuple[np.ndarray, float]:
+def _solve(table: CostTable, budget: float) -> tuple[np.ndarray, float, bool]:
+    """(choice, cost, whether HiGHS proved it optimal within MILP_OPTIONS' gap, not stopped by its time limit)."""
     lo, hi = table.space.bits_range()
     if not lo <= budget <= hi:
         raise ValueError(f"budget {budget} bits is outside the reachable range of space "
@@ -231,14 +270,14 @@ def _solve(table: CostTable, budget: float) -> tuple[np.ndarray, float]:
         integrality=np.ones(n_vars),
         bounds=Bounds(0, 1),
         constraints=[LinearConstraint(one_per_matrix, 1, 1), LinearConstraint(bits_row, -np.inf, budget)],
-        options={"time_limit": 60, "mip_rel_gap": 1e-7},
+        options=MILP_OPTIONS,
     )
     if result.x is None:
         raise RuntimeError(f"ILP found no allocation at budget {budget}: {result.message}")
     chosen = result.x > 0.5
     choice = np.empty(len(table.layout), dtype=np.int64)
     choice[var_matrix[chosen]] = var_option[chosen]
-    return choice, float(table.costs[np.arange(len(choice)), choice].sum())
+    return choice, float(table.costs[np.arange(len(choice)), choice].sum()), result.status == 0
 
 
 def pareto_options(bits: np.ndarray, costs: np.ndarray) -> list[int]:

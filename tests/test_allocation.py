@@ -19,6 +19,14 @@ def minilm_table():
     return cost_table("minilm-l6", "nf")
 
 
+@pytest.fixture(autouse=True)
+def solution_store(tmp_path, monkeypatch):
+    """Solutions go to a store of each test's own, so what a test counts does not depend on earlier runs."""
+    store, real = tmp_path / "allocations", allocation._solution_path
+    monkeypatch.setattr(allocation, "_solution_path", lambda digest, budget: store / real(digest, budget).name)
+    return store
+
+
 def test_ilp_meets_budgets_on_minilm(minilm_table):
     costs = []
     for budget in BUDGETS:
@@ -72,13 +80,9 @@ def test_ilp_matches_brute_force_on_a_small_table():
 
 
 def test_solutions_are_remembered_by_table_contents(monkeypatch):
-    solves = []
-    real_milp = allocation.milp
-    monkeypatch.setattr(allocation, "milp", lambda *a, **k: solves.append(1) or real_milp(*a, **k))
-    space = QuantSpace("small", "nf", bits=(2, 4), scale_bits=(8,), scale_dtype=("fp32",), block_size=(64,),
-                       group_size=(256,))
-    layout = Layout("toy-memo", tuple(MatrixSpec(f"m{i}", (8, 64), i, "x") for i in range(3)))
-    table = CostTable(layout, space, np.array([[9.0, 1.0], [8.0, 2.0], [7.0, 3.0]]), "none")
+    solves = count_milp(monkeypatch)
+    table = toy_table("toy-memo")
+    layout, space = table.layout, table.space
     first, cost = solve_allocation(table, 3.2)
     first[:] = -1  # the caller's copy, not the remembered solution
     again, again_cost = solve_allocation(table, 3.2)
@@ -86,6 +90,61 @@ def test_solutions_are_remembered_by_table_contents(monkeypatch):
     m2_gains_most = CostTable(layout, space, np.array([[9.0, 1.0], [8.0, 2.0], [20.0, 3.0]]), "none")
     moved, _ = solve_allocation(m2_gains_most, 3.2)
     assert len(solves) == 2 and again.tolist() == [1, 0, 0] and moved.tolist() == [0, 0, 1]
+
+
+def toy_table(name: str = "toy") -> CostTable:
+    space = QuantSpace("small", "nf", bits=(2, 4), scale_bits=(8,), scale_dtype=("fp32",), block_size=(64,),
+                       group_size=(256,))
+    layout = Layout(name, tuple(MatrixSpec(f"m{i}", (8, 64), i, "x") for i in range(3)))
+    return CostTable(layout, space, np.array([[9.0, 1.0], [8.0, 2.0], [7.0, 3.0]]), "none")
+
+
+def count_milp(monkeypatch) -> list:
+    solves, real_milp = [], allocation.milp
+    monkeypatch.setattr(allocation, "milp", lambda *a, **k: solves.append(1) or real_milp(*a, **k))
+    return solves
+
+
+def test_solutions_are_stored_and_read_back_by_another_process(minilm_table, solution_store, monkeypatch):
+    solves = count_milp(monkeypatch)
+    first = solve_allocation(minilm_table, 3.25)
+    assert len(solves) == 1 and len(list(solution_store.iterdir())) == 1
+    monkeypatch.setattr(allocation, "_SOLVED", {})  # a fresh process
+    again = solve_allocation(minilm_table, 3.25)
+    assert len(solves) == 1 and np.array_equal(again[0], first[0]) and again[1] == first[1]
+
+
+def test_a_stored_solution_is_keyed_by_table_budget_and_solver(minilm_table, monkeypatch):
+    digest = allocation._table_digest(minilm_table)
+    path = allocation._solution_path(digest, 3.0)
+    assert path == allocation._solution_path(digest, 3.0)
+    assert path != allocation._solution_path(digest, 3.0 + 1e-9)
+    assert path != allocation._solution_path(allocation._table_digest(toy_table()), 3.0)
+    monkeypatch.setattr(allocation, "MILP_OPTIONS", dict(allocation.MILP_OPTIONS, mip_rel_gap=1e-4))
+    assert path != allocation._solution_path(digest, 3.0)
+
+
+@pytest.mark.parametrize("stored", ["{\"budget\": 3.2, \"choi", '{"choice": [1, 0]}', '{"choice": [1, 0, 2]}'])
+def test_an_unreadable_stored_solution_is_solved_again_and_replaced(stored, monkeypatch, caplog):
+    table = toy_table()
+    path = allocation._solution_path(allocation._table_digest(table), 3.2)
+    path.parent.mkdir(parents=True)
+    path.write_text(stored)  # cut short, too few matrices, an option the space lacks
+    monkeypatch.setattr(allocation, "_SOLVED", {})
+    solves = count_milp(monkeypatch)
+    choice, _ = solve_allocation(table, 3.2)
+    assert len(solves) == 1 and choice.tolist() == [1, 0, 0]
+    assert "solving again: the stored allocation" in caplog.text
+    monkeypatch.setattr(allocation, "_SOLVED", {})
+    assert solve_allocation(table, 3.2)[0].tolist() == [1, 0, 0] and len(solves) == 1
+
+
+def test_a_solve_stopped_by_its_time_limit_is_not_stored(solution_store, monkeypatch):
+    real = allocation._solve
+    monkeypatch.setattr(allocation, "_solve", lambda table, budget: real(table, budget)[:2] + (False,))
+    monkeypatch.setattr(allocation, "_SOLVED", {})
+    solve_allocation(toy_table(), 3.2)
+    assert not solution_store.exists()
 
 
 def test_pareto_options_drops_dominated():

@@ -52,8 +52,8 @@ COST_TABLE_SAMPLE = 2**22
 SAMPLE_CHUNK = 64  # a multiple of every block size, so a sampled chunk is whole blocks at any size
 # ILP solutions of this process: (table digest, budget) -> (choice, cost); see solve_allocation.
 _SOLVED: dict[tuple[str, float], tuple[np.ndarray, float]] = {}
-# HiGHS's options. A solve ends well inside the time limit (a SmolLM2 table: 2-5 s on 2 CPU cores); the gap
-# makes the solution the optimum for every table here, so a stored one is the one a fresh solve returns.
+# HiGHS's options. A solve ends well inside the time limit (a SmolLM2 table: 2-5 s on 2 CPU cores), and
+# HiGHS is deterministic, so a stored solution is the one a fresh solve of the same table returns.
 MILP_OPTIONS = {"time_limit": 60, "mip_rel_gap": 1e-7}
 
 
@@ -226,9 +226,11 @@ def _stored_solution(table: CostTable, budget: float, path: Path) -> tuple[np.nd
     if path.exists():
         try:
             choice = np.array(json.loads(path.read_text())["choice"], dtype=np.int64)
-            if choice.shape == (n,) and ((0 <= choice) & (choice < n_options)).all():
+            if (choice.shape == (n,) and ((0 <= choice) & (choice < n_options)).all()
+                    and _average_bits(table, choice) <= budget + 1e-9):
                 return choice, float(table.costs[np.arange(n), choice].sum())
-            reason = f"{choice.shape[0]} choices for {n} matrices or an option outside [0, {n_options})"
+            reason = (f"{choice.shape[0]} choices for {n} matrices, an option outside [0, {n_options}) "
+                      f"or more than {budget} bits")
         except (ValueError, KeyError, TypeError) as err:
             reason = f"{type(err).__name__}: {err}"
         logger.warning("solving again: the stored allocation %s is unreadable (%s)", path, reason)
@@ -236,6 +238,11 @@ def _stored_solution(table: CostTable, budget: float, path: Path) -> tuple[np.nd
     if optimal:
         write_text_atomic(path, json.dumps({"budget": float(budget), "choice": choice.tolist()}))
     return choice, cost
+
+
+def _average_bits(table: CostTable, choice: np.ndarray) -> float:
+    share = table.layout.numels / table.layout.numels.sum()
+    return float((share * table.option_bits[choice]).sum())
 
 
 def _table_digest(table: CostTable) -> str:

@@ -23,4 +23,3 @@ def test_benchmark_runs_in_quick_mode(name):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert LAST_LINE[name] in done.stdout, done.stdout[-2000:]
-

@@ -229,7 +229,7 @@ def _stored_solution(table: CostTable, budget: float, path: Path) -> tuple[np.nd
             if (choice.shape == (n,) and ((0 <= choice) & (choice < n_options)).all()
                     and _average_bits(table, choice) <= budget + 1e-9):
                 return choice, float(table.costs[np.arange(n), choice].sum())
-            reason = (f"{choice.shape[0]} choices for {n} matrices, an option outside [0, {n_options}) "
+            reason = (f"{choice.size} choices for {n} matrices, an option outside [0, {n_options}) "
                       f"or more than {budget} bits")
         except (ValueError, KeyError, TypeError) as err:
             reason = f"{type(err).__name__}: {err}"

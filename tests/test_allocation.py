@@ -125,12 +125,12 @@ def test_a_stored_solution_is_keyed_by_table_budget_and_solver(minilm_table, mon
 
 
 @pytest.mark.parametrize("stored", ["{\"budget\": 3.2, \"choi", '{"choice": [1, 0]}', '{"choice": [1, 0, 2]}',
-                                    '{"choice": [1, 1, 0]}'])
+                                    '{"choice": [1, 1, 0]}', '{"choice": 1}'])
 def test_an_unreadable_stored_solution_is_solved_again_and_replaced(stored, monkeypatch, caplog):
     table = toy_table()
     path = allocation._solution_path(allocation._table_digest(table), 3.2)
     path.parent.mkdir(parents=True)
-    path.write_text(stored)  # cut short, too few matrices, an option the space lacks, over budget
+    path.write_text(stored)  # cut short, too few matrices, an option the space lacks, over budget, no list
     monkeypatch.setattr(allocation, "_SOLVED", {})
     solves = count_milp(monkeypatch)
     choice, _ = solve_allocation(table, 3.2)

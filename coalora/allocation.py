@@ -227,7 +227,7 @@ def _stored_solution(table: CostTable, budget: float, path: Path) -> tuple[np.nd
         try:
             choice = np.array(json.loads(path.read_text())["choice"], dtype=np.int64)
             if (choice.shape == (n,) and ((0 <= choice) & (choice < n_options)).all()
-                    and _average_bits(table, choice) <= budget + 1e-9):
+                    and table.layout.average_bits(table.option_bits[choice]) <= budget + 1e-9):
                 return choice, float(table.costs[np.arange(n), choice].sum())
             reason = (f"{choice.size} choices for {n} matrices, an option outside [0, {n_options}) "
                       f"or more than {budget} bits")
@@ -238,11 +238,6 @@ def _stored_solution(table: CostTable, budget: float, path: Path) -> tuple[np.nd
     if optimal:
         write_text_atomic(path, json.dumps({"budget": float(budget), "choice": choice.tolist()}))
     return choice, cost
-
-
-def _average_bits(table: CostTable, choice: np.ndarray) -> float:
-    share = table.layout.numels / table.layout.numels.sum()
-    return float((share * table.option_bits[choice]).sum())
 
 
 def _table_digest(table: CostTable) -> str:

@@ -50,5 +50,5 @@ table.round(3)
 # %% [markdown]
 # **Reading.** The verdicts are the readings: a claim is reproduced here only where its interval excludes the
 # other sign. The models and data are offline stand-ins 10 to 50 times smaller than the paper's, trained
-# for a few hundred steps, so "inconclusive at this scale" says what these runs can resolve, not what the method
+# for at most a few hundred steps (128 or fewer in the default preset), so "inconclusive at this scale" says what these runs can resolve, not what the method
 # does at the paper's scale.

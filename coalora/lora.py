@@ -307,9 +307,9 @@ def base_weights_in(model: CoALoRAModel, dtype: torch.dtype) -> Iterator[CoALoRA
     (docs/measurements.md#training-step). The block also turns off PEFT's cast of each LoRA layer's
     input to its fp32 A (`cast_input_dtype_enabled`): autocast casts it straight back to bf16, both
     casts exact, so that pair of copies per layer and pass is all it removes, 5-13 % of a bf16 step.
-    On exit the weights of entry come back, or,
-    if a configuration was set inside the block, the current configuration is set again in the
-    entry's dtype (an `override_base_weight` made inside the block does not survive it).
+    On exit the weights of entry come back, or, if a configuration was set inside the block, the
+    current configuration is set again in the entry's dtype (an `override_base_weight` made inside the
+    block does not survive it).
     """
     entry = {name: layer.get_base_layer().weight for name, layer in model.lora_layers.items()}
     casts = {name: layer.cast_input_dtype_enabled for name, layer in model.lora_layers.items()}

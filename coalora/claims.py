@@ -15,7 +15,7 @@ import pandas as pd
 
 from coalora import stats, studies
 from coalora.configs import QuantSpace
-from coalora.experiments import RunSpec, run_experiment
+from coalora.experiments import RunSpec
 from coalora.metrics import hypervolume
 
 COLUMNS = ["claim", "paper", "ours", "ci_low", "ci_high", "n_seeds", "verdict"]
@@ -184,8 +184,8 @@ def _unseen_ilp(specs: Sequence[RunSpec]) -> np.ndarray:
 
     arrays = {}
     for spec in specs:
-        rows = run_experiment(spec)
-        rows = rows[(rows["configuration_set"] == "unseen") & rows["budget"].notna()].sort_values("budget")
-        predictions = experiments.predictions(spec)
+        rows = experiments.unseen_rows(spec)
+        rows = rows[rows["budget"].notna()].sort_values("budget")
+        predictions = experiments.unseen_predictions(spec)
         arrays[spec.seed] = np.stack([predictions[c] for c in rows["configuration_id"]])
     return np.stack([arrays[s] for s in sorted(arrays)])

@@ -46,7 +46,7 @@ from coalora.training import FULL_PRECISION, MAX_LQLORA_ITERATIONS, HyperParams,
 
 logger = logging.getLogger(__name__)
 
-RUN_VERSION = 5  # bump when training or evaluation changes numbers: every cached run is recomputed
+RUN_VERSION = 6  # bump when training or evaluation changes numbers or a run folder's files: every run is recomputed
 
 # The paper's evaluation budgets: its NF figures at 2.5-4 bits, its integer table at 3-6 bits.
 EVAL_BUDGETS = {"nf": (2.5, 3.0, 3.5, 4.0), "int": (3.0, 4.0, 5.0, 6.0)}
@@ -54,6 +54,10 @@ POOL_RANGE = (2.25, 7.25)  # the initial CoA-LoRA training set spans this (docs/
 SEARCH_COLUMNS = ["epoch", "mode", "role", "configuration_id", "avg_bits", "loss"]
 STEP_COLUMNS = ["adapter", "epoch", "step", "configuration_id", "loss"]  # every forward of training
 N_UNSEEN_BUDGETS = 5  # ILP configurations half-way between CoA-LoRA's initial pool budgets
+# What cannot change the numbers of a method that quantizes nothing, or of one that trains nothing: the
+# canonical spec sets these to RunSpec's defaults, so equal computations share one cached run.
+MOOT = {"full-precision": ("quantizer", "eval_budgets", "unseen_budgets", "pool_range", "weighting"),
+        "none": ("seed",)}
 # Fake-quantized weights shared by every run of this process: equal weights quantize alike, so a
 # notebook's runs over seeds and methods quantize each (matrix, option) once.
 WEIGHT_CACHE = lora.WeightCache()
@@ -135,11 +139,19 @@ class RunSpec:
         hp = hp if method.init == "lqlora" else replace(hp, lqlora_iterations=MAX_LQLORA_ITERATIONS)
         return hp if method.training == "pool" else replace(hp, pool_draw="uniform")
 
+    def canonical(self) -> RunSpec:
+        """The resolved spec with the fields that cannot change its numbers (MOOT) at their defaults:
+        the spec a run is computed from and keyed by, so the full-precision reference of the NF and
+        the integer comparison, or the no-adapter floor of every seed, is one run."""
+        moot = MOOT.get(get_method(self.method).training, ())
+        defaults = {f.name: f.default for f in fields(self) if f.name in moot}
+        return replace(self, **defaults).resolved() if defaults else self.resolved()
+
     def key(self) -> str:
-        """Content hash of the resolved spec and RUN_VERSION."""
+        """Content hash of the canonical spec and RUN_VERSION."""
         # Your own data enters by its identity (a digest of its files too), so an edited file is a new run.
         # A local model folder enters by its content, so an edited or retrained model is a new run too.
-        resolved = self.resolved()
+        resolved = self.canonical()
         data = {"version": RUN_VERSION, "cost_tables": COST_TABLE_VERSION, **asdict(resolved),
                 "task": task_identity(self.task), "backbone": models.backbone_identity(resolved.backbone)}
         # A knob at its neutral value (the checkpoint's dropout, the paper's pool draw, PyTorch's mask draw, no
@@ -235,22 +247,23 @@ def _allocate(spec: RunSpec, budget: float) -> Configuration:
     return allocate(spec.backbone, float(budget), spec.quantizer, spec.weighting, spec.task, spec.preset)
 
 
-def evaluation_configurations(spec: RunSpec, layout) -> list[tuple[str, float | None, Configuration | None]]:
-    """(configuration set, target budget, configuration): ILP configurations at the evaluation
-    budgets ("target"); for methods whose one adapter serves any configuration also ILP
-    configurations at off-grid budgets and seeded random ones ("unseen"); for the full-precision
-    reference the unquantized backbone alone ("reference", configuration None)."""
-    training = get_method(spec.method).training
-    if training == "full-precision":
+def evaluation_configurations(spec: RunSpec) -> list[tuple[str, float | None, Configuration | None]]:
+    """(configuration set, target budget, configuration) a run is scored on: the ILP configurations
+    at the evaluation budgets ("target"), every method the same; for the full-precision reference
+    the unquantized backbone alone ("reference", configuration None)."""
+    if get_method(spec.method).training == "full-precision":
         return [("reference", None, None)]
-    out = [("target", b, _allocate(spec, b)) for b in spec.eval_budgets]
-    if not get_method(spec.method).serves_any_configuration:
-        return out
-    out += [("unseen", b, _allocate(spec, b)) for b in spec.unseen_budgets]
+    return [("target", b, _allocate(spec, b)) for b in spec.eval_budgets]
+
+
+def unseen_configurations(spec: RunSpec, layout) -> list[tuple[str, float | None, Configuration]]:
+    """("unseen", budget, configuration) for the methods whose one adapter serves any configuration:
+    ILP configurations at off-grid budgets and seeded random ones (budget None). Scored on demand
+    (`unseen_rows`), not by the run: only Figure 3's seen-vs-unseen panel reads them."""
     space = QuantSpace.named(spec.quantizer)
-    out += [("unseen", None, Configuration.random(layout, space, seed=10_000 + i))
-            for i in range(spec.size.n_random_unseen)]
-    return out
+    return [*(("unseen", b, _allocate(spec, b)) for b in spec.unseen_budgets),
+            *(("unseen", None, Configuration.random(layout, space, seed=10_000 + i))
+              for i in range(spec.size.n_random_unseen))]
 
 
 def training_configurations(spec: RunSpec) -> list[Configuration]:
@@ -326,10 +339,7 @@ def _execute(spec: RunSpec):
                                      fixed_batches(held_out, spec.search.batches), spec.seed)
     trained = train(spec.method, model, training_configurations(spec), train_batches, spec.hp, spec.seed, search,
                     checkpoint=checkpoint_path(spec))
-    evaluations = [(configuration_set, budget, configuration)
-                   for configuration_set, budget, configuration in evaluation_configurations(spec, layout)
-                   if not (configuration_set == "unseen" and configuration.digest() in trained.trained_on)]
-    rows, predictions = _score(spec, task, trained, evaluations, dev_batches, chance)
+    rows, predictions = _score(spec, task, trained, evaluation_configurations(spec), dev_batches, chance)
     return (pd.DataFrame(rows), predictions, trained.states, trained.history, trained.steps,
             [] if search is None else search.to_rows())
 
@@ -340,7 +350,7 @@ def _reloaded(spec: RunSpec):
     state = load_file(run_dir(spec) / "adapters.safetensors")
     task, _, model, _, _, dev_batches, chance = _setup(spec)
     states = {"shared": {name.split("/", 1)[1]: t for name, t in state.items() if name.startswith("shared/")}}
-    trained_on = set(rows.loc[rows["seen"], "configuration_id"])
+    trained_on = set(training_steps(spec)["configuration_id"])  # every configuration a step drew
     trained = Trained(spec.method, model, training_configurations(spec), states,
                       {"shared": float(rows["train_seconds"].iloc[0])}, trained_on=trained_on)
     return task, trained, dev_batches, chance
@@ -360,13 +370,20 @@ def trained_model(spec: RunSpec) -> lora.CoALoRAModel:
     return trained.model
 
 
-def _cached_rows(spec: RunSpec, name: str, recompute: bool, compute) -> pd.DataFrame:
-    """Rows cached as `name` in the run's folder, computed by `compute()` (a list of row dicts) if absent."""
+def _cached_rows(spec: RunSpec, name: str, recompute: bool, compute, predictions: bool = False) -> pd.DataFrame:
+    """Rows cached as `name` in the run's folder, computed by `compute()` if absent: a list of row
+    dicts, or with `predictions` a pair (rows, per-example results by configuration id) whose results
+    are cached beside as <stem>.npz, written first so that the rows mark a whole result."""
     folder = run_dir(spec)
     state = processes()
     if from_main(not (folder / name).exists() or recompute):
         rows = compute()
         if state.is_main_process:
+            if predictions:
+                rows, found = rows
+                with atomic_path(folder / Path(name).with_suffix(".npz")) as tmp:
+                    with open(tmp, "wb") as f:
+                        np.savez_compressed(f, **found)
             with atomic_path(folder / name) as tmp:
                 pd.DataFrame(rows).to_csv(tmp, index=False)
         state.wait_for_everyone()
@@ -384,16 +401,41 @@ def seen_rows(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
 
     def compute():
         task, trained, dev_batches, chance = _reloaded(spec)
-        trained.trained_on = set(training_steps(spec)["configuration_id"])
         drawn = [c for c in trained.configurations if c.digest() in trained.trained_on]
         return _score(spec, task, trained, [("seen", None, c) for c in drawn], dev_batches, chance)[0]
     return _cached_rows(spec, "seen.csv", recompute, compute)
 
 
+def unseen_rows(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
+    """A run of a method whose one adapter serves any configuration scored on the configurations of
+    `unseen_configurations` that no training step drew (set "unseen"), for Figure 3's seen-vs-unseen
+    panel. Reloads the cached adapter (running the experiment first if needed); cached as unseen.csv,
+    the per-example results as unseen.npz (`unseen_predictions`)."""
+    spec = spec.resolved()
+    if not get_method(spec.method).serves_any_configuration:
+        raise ValueError(f"method {spec.method!r} has no one adapter for every configuration to score on unseen "
+                         f"ones; unseen rows come from: "
+                         f"{', '.join(m for m, v in METHODS.items() if v.serves_any_configuration)}")
+
+    def compute():
+        task, trained, dev_batches, chance = _reloaded(spec)
+        unseen = [e for e in unseen_configurations(spec, trained.model.layout)
+                  if e[2].digest() not in trained.trained_on]
+        return _score(spec, task, trained, unseen, dev_batches, chance)
+    return _cached_rows(spec, "unseen.csv", recompute, compute, predictions=True)
+
+
+def unseen_predictions(spec: RunSpec) -> dict[str, np.ndarray]:
+    """Per-example results of `unseen_rows` by configuration id, as `predictions` (computed first if needed)."""
+    unseen_rows(spec)
+    with np.load(run_dir(spec.resolved()) / "unseen.npz") as data:
+        return {name: data[name] for name in data.files}
+
+
 def theta_off_rows(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
     """A CoA-LoRA run scored again with theta switched off after training (gamma = 0: every M_i = I,
-    the shared LoRA alone), on the run's own target and unseen configurations: what theta's
-    adjustments add to the adapter they were trained with. Cached as theta_off.csv."""
+    the shared LoRA alone), on the run's own target configurations: what theta's adjustments add to
+    the adapter they were trained with. Cached as theta_off.csv."""
     spec = spec.resolved()
     if not get_method(spec.method).theta:
         raise ValueError(f"switching theta off needs a method with theta, got {spec.method!r}")
@@ -405,7 +447,7 @@ def theta_off_rows(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
         def key(configuration_set, budget, cid):  # a random configuration has no budget (NaN in rows)
             return configuration_set, None if pd.isna(budget) else round(float(budget), 4), cid
 
-        by_key = {key(s, b, c.digest()): (s, b, c) for s, b, c in evaluation_configurations(spec, trained.model.layout)}
+        by_key = {key(s, b, c.digest()): (s, b, c) for s, b, c in evaluation_configurations(spec)}
         evaluations = [by_key[k] for k in map(key, rows["configuration_set"], rows["budget"], rows["configuration_id"])
                        if k in by_key]
         return _score(spec, task, trained, evaluations, dev_batches, chance)[0]
@@ -429,7 +471,7 @@ def theta_told_predictions(spec: RunSpec, budget: float, recompute: bool = False
         told = theta.config_index(_allocate(spec, budget))
         # set_configuration feeds theta the index theta.config_index returns; the weights stay each row's own.
         theta.config_index = lambda configuration: told
-        targets = [e for e in evaluation_configurations(spec, trained.model.layout) if e[0] == "target"]
+        targets = [e for e in evaluation_configurations(spec) if e[0] == "target"]
         found = _score(spec, task, trained, targets, dev_batches, chance)[1]
         if state.is_main_process:
             with atomic_path(path) as tmp:
@@ -452,9 +494,10 @@ def run_experiment(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:
     if recompute and state.is_main_process:  # a checkpoint of the cached run would resume into it
         checkpoint_path(spec).unlink(missing_ok=True)
     state.wait_for_everyone()
-    rows, predictions, states, history, steps, search_rows = _execute(spec)
+    canonical = spec.canonical()
+    rows, predictions, states, history, steps, search_rows = _execute(canonical)
     if state.is_main_process:
-        _write_run(folder, spec, rows, predictions, states, history, steps, search_rows)
+        _write_run(folder, canonical, rows, predictions, states, history, steps, search_rows)
         checkpoint_path(spec).unlink(missing_ok=True)  # the run is whole: nothing to resume
     state.wait_for_everyone()
     return _read_rows(folder, spec)
@@ -486,7 +529,11 @@ def predictions(spec: RunSpec) -> dict[str, np.ndarray]:
 
 def _read_rows(folder: Path, spec: RunSpec, name: str = "rows.csv") -> pd.DataFrame:
     rows = pd.read_csv(folder / name)
-    rows.insert(1, "search", spec.search.mode)  # from the spec, the source of truth for what it says
+    # From the spec asking, the source of truth for what it says: a canonical run serves several specs.
+    rows.insert(1, "search", spec.search.mode)
+    for column in ("quantizer", "seed"):
+        if column in rows:
+            rows[column] = getattr(spec, column)
     return rows
 
 
@@ -589,8 +636,6 @@ def _estimated_seconds(spec: RunSpec) -> float:
     if spec.search.mode != "frozen":
         passes *= SEARCH_COST
     evaluations = 1 if method.training == "full-precision" else len(spec.eval_budgets)
-    if method.serves_any_configuration:
-        evaluations += len(spec.unseen_budgets) + spec.size.n_random_unseen
     return passes * per_pass + evaluations * per_evaluation
 
 

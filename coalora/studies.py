@@ -392,12 +392,14 @@ def by_budget(rows: pd.DataFrame, by: str = "method") -> pd.DataFrame:
 
 def seen_vs_unseen(specs: Sequence[RunSpec], recompute: bool = False) -> pd.DataFrame:
     """CoA-LoRA's per-configuration scores on the configurations it trained on ("seen", from
-    `experiments.seen_rows`) and on every evaluated one it never saw: method, seed,
-    configuration_id, configuration_set, avg_bits, value, seen. Uses the CoA-LoRA specs among `specs`."""
+    `experiments.seen_rows`), on its targets, and on the ones it never saw (`experiments.unseen_rows`):
+    method, seed, configuration_id, configuration_set, avg_bits, value, seen. Uses the CoA-LoRA specs
+    among `specs`."""
     coalora = [s for s in specs if s.method == "coalora"]
     if not coalora:
         raise ValueError("seen vs unseen needs CoA-LoRA runs; no spec has method='coalora'")
-    frames = [pd.concat([run_experiment(s), experiments.seen_rows(s, recompute)]) for s in coalora]
+    frames = [pd.concat([run_experiment(s), experiments.unseen_rows(s, recompute), experiments.seen_rows(s, recompute)])
+              for s in coalora]
     cols = ["method", "seed", "configuration_id", "configuration_set", "avg_bits", "value", "seen"]
     return pd.concat(frames)[cols].sort_values(["seed", "avg_bits"]).reset_index(drop=True)
 

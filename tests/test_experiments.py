@@ -40,12 +40,11 @@ def test_run_writes_tidy_rows_and_caches(method, runs_in_tmp, monkeypatch):
     rows = run_experiment(spec(method))
     assert list(rows.columns) == COLUMNS
     assert not rows[["value", "avg_bits", "train_seconds", "eval_seconds"]].isna().any().any()
-    assert set(rows["configuration_set"]) == ({"target", "unseen"} if method == "coalora" else {"target"})
+    assert set(rows["configuration_set"]) == {"target"}  # every method the same set; unseen ones on demand
     assert rows["task_source"].str.contains("stand-in for GLUE SST-2").all()
     assert rows["backbone_label"].str.contains("stands in for RoBERTa-Large").all()
     assert ((rows["value"] >= 0) & (rows["value"] <= 1)).all() and (rows["metric"] == "accuracy").all()
-    assert rows.loc[rows["configuration_set"] == "target", "seen"].all()  # CoA-LoRA's pool holds the targets
-    assert not rows.loc[rows["configuration_set"] == "unseen", "seen"].any()
+    assert rows["seen"].all()  # CoA-LoRA's pool holds the targets
     assert (rows["chance"] == 0.5).all()
     folder = runs_in_tmp / spec(method).key()
     assert {p.name for p in folder.iterdir()} == {"rows.csv", "predictions.npz", "adapters.safetensors",
@@ -344,11 +343,51 @@ def test_the_pool_holds_the_targets_and_seen_is_exactly_what_was_trained_on():
     run = spec("coalora", eval_budgets=(2.5, 3.0, 3.5, 4.0)).resolved()
     pool = {c.digest() for c in experiments.training_configurations(run)}
     layout = experiments.training_configurations(run)[0].layout
-    targets = {c.digest() for role, _, c in experiments.evaluation_configurations(run, layout) if role == "target"}
+    targets = {c.digest() for role, _, c in experiments.evaluation_configurations(run) if role == "target"}
     assert len(targets) == 4
     assert targets <= pool and len(pool) >= 4 + 3  # the grid 2.25, 4.75, 7.25 and the four targets
     qlora = spec("qlora", eval_budgets=(2.5, 3.0, 3.5, 4.0)).resolved()
     assert {c.digest() for c in experiments.training_configurations(qlora)} == targets
+
+
+def test_unseen_rows_score_what_no_step_drew_from_the_reloaded_adapter(runs_in_tmp):
+    run = spec("coalora", unseen_budgets=(2.5, 3.5))
+    rows = run_experiment(run)
+    unseen = experiments.unseen_rows(run)
+    assert list(unseen.columns) == COLUMNS and (unseen["configuration_set"] == "unseen").all()
+    assert not unseen["seen"].any() and unseen["budget"].isna().sum() == TINY.n_random_unseen
+    drawn = set(experiments.training_steps(run)["configuration_id"])
+    layout = experiments.training_configurations(run.resolved())[0].layout
+    offered = [c.digest() for _, _, c in experiments.unseen_configurations(run.resolved(), layout)]
+    assert list(unseen["configuration_id"]) == [c for c in offered if c not in drawn]
+    assert not set(unseen["configuration_id"]) & set(rows["configuration_id"])
+    predictions = experiments.unseen_predictions(run)
+    assert set(predictions) == set(unseen["configuration_id"])
+    for cid, value in zip(unseen["configuration_id"], unseen["value"]):
+        assert predictions[cid].shape == (TINY.n_dev,) and predictions[cid].mean() == pytest.approx(value)
+    pd.testing.assert_frame_equal(experiments.unseen_rows(run), unseen)  # cached
+    with pytest.raises(ValueError, match="no one adapter for every configuration.*coalora"):
+        experiments.unseen_rows(spec("qlora"))
+
+
+@pytest.mark.parametrize("method, moot, value", [("fp-lora", "quantizer", "int"), ("no-adapter", "seed", 1)])
+def test_what_cannot_change_a_run_shares_it_and_the_rows_say_what_was_asked(method, moot, value, runs_in_tmp,
+                                                                                 monkeypatch):
+    """The full-precision reference quantizes nothing and the no-adapter floor trains nothing: the NF
+    and integer references, or every seed's floor, are one computation under one key."""
+    first = run_experiment(spec(method))
+    other = spec(method, **{moot: value})
+    assert other.key() == spec(method).key() and other.canonical() == spec(method).canonical()
+
+    def boom(_spec):
+        raise AssertionError("an equal computation must not run twice")
+    monkeypatch.setattr(experiments, "_execute", boom)
+    again = run_experiment(other)
+    assert (again[moot] == value).all() and (first[moot] != value).all()
+    pd.testing.assert_frame_equal(again.drop(columns=moot), first.drop(columns=moot))
+    assert experiments.run_many([spec(method), other]) == 0
+    kept = {"fp-lora": ("seed", 1), "no-adapter": ("quantizer", "int")}[method]  # what still splits them
+    assert spec(method, **dict([kept])).key() != spec(method).key()
 
 
 def test_seen_marks_trained_on_configurations_not_the_last_pool(runs_in_tmp, monkeypatch):
@@ -365,7 +404,8 @@ def test_seen_marks_trained_on_configurations_not_the_last_pool(runs_in_tmp, mon
         trained_pool["final"] = {c.digest() for c in trained.configurations}
         return trained
     monkeypatch.setattr(experiments, "train", spy)
-    rows = run_experiment(spec("coalora", search="random", eval_budgets=(3.0,), unseen_budgets=(2.5, 3.5)))
+    run = spec("coalora", search="random", eval_budgets=(3.0,), unseen_budgets=(2.5, 3.5))
+    rows = pd.concat([run_experiment(run), experiments.unseen_rows(run)])
     assert trained_pool["final"] - trained_pool["trained_on"]  # the last search's proposals: never trained on
     for cid, seen in zip(rows["configuration_id"], rows["seen"]):
         assert seen == (cid in trained_pool["trained_on"])
@@ -550,11 +590,12 @@ def test_run_many_keeps_the_seeds_of_one_low_rank_initialisation_in_one_job():
 
 def test_jobs_run_longest_first_by_estimated_seconds():
     """A 3-epoch searching CoA-LoRA run outlasts a 2-epoch frozen one, a 4-adapter QLoRA run a
-    shared one, and the causal LM's run its classification twin: each goes first."""
+    shared one, the causal LM's run its classification twin, and a shared run scored on four budgets
+    the full-precision reference's one evaluation: each goes first."""
     pairs = [(spec("coalora", search="pareto", hp=HyperParams(epochs=3)), spec("coalora")),
              (spec("qlora", eval_budgets=(2.5, 3.0, 3.5, 4.0)), spec("shared", eval_budgets=(2.5, 3.0, 3.5, 4.0))),
              (spec("qlora", task="c4"), spec("qlora")),
-             (spec("shared"), spec("fp-lora"))]
+             (spec("shared", eval_budgets=(2.5, 3.0, 3.5, 4.0)), spec("fp-lora"))]
     for long, short in pairs:
         long, short = long.resolved(), short.resolved()
         assert experiments._estimated_seconds(long) > experiments._estimated_seconds(short)

@@ -259,7 +259,7 @@ def evaluation_configurations(spec: RunSpec) -> list[tuple[str, float | None, Co
 def unseen_configurations(spec: RunSpec, layout) -> list[tuple[str, float | None, Configuration]]:
     """("unseen", budget, configuration) for the methods whose one adapter serves any configuration:
     ILP configurations at off-grid budgets and seeded random ones (budget None). Scored on demand
-    (`unseen_rows`), not by the run: only Figure 3's seen-vs-unseen panel reads them."""
+    (`unseen_rows`), not by the run: only Figure 3's seen-vs-unseen panel and its claim read them."""
     space = QuantSpace.named(spec.quantizer)
     return [*(("unseen", b, _allocate(spec, b)) for b in spec.unseen_budgets),
             *(("unseen", None, Configuration.random(layout, space, seed=10_000 + i))

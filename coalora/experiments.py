@@ -381,6 +381,7 @@ def _cached_rows(spec: RunSpec, name: str, recompute: bool, compute, predictions
         if state.is_main_process:
             if predictions:
                 rows, found = rows
+                (folder / name).unlink(missing_ok=True)  # old rows must not mark new results as whole
                 with atomic_path(folder / Path(name).with_suffix(".npz")) as tmp:
                     with open(tmp, "wb") as f:
                         np.savez_compressed(f, **found)

@@ -359,8 +359,15 @@ def _full_precision(specs: Sequence[RunSpec]) -> np.ndarray:
 
 
 def collect(specs: Sequence[RunSpec], recompute: bool = False) -> pd.DataFrame:
-    """All runs' tidy rows, computing only those not cached (or all with `recompute`)."""
-    return pd.concat([run_experiment(s, recompute) for s in specs], ignore_index=True)
+    """All runs' tidy rows, computing only those not cached (or all with `recompute`, each distinct
+    run once: specs that differ only in what cannot change a run share it)."""
+    computed: set[str] = set()
+
+    def rows(spec: RunSpec) -> pd.DataFrame:
+        again = recompute and spec.key() not in computed
+        computed.add(spec.key())
+        return run_experiment(spec, again)
+    return pd.concat([rows(s) for s in specs], ignore_index=True)
 
 
 def search_history(spec: RunSpec, recompute: bool = False) -> pd.DataFrame:

@@ -462,3 +462,18 @@ def test_the_probe_reads_a_linear_label_and_not_a_random_one():
     random = torch.randint(0, 2, (400,), generator=generator)
     assert studies._probe_accuracy(x[:200], readable[:200], x[200:], readable[200:]) > 0.9
     assert studies._probe_accuracy(x[:200], random[:200], x[200:], random[200:]) < 0.65
+
+
+def test_collect_recomputes_a_shared_run_once(monkeypatch):
+    """The full-precision reference of the NF and the integer comparison is one run: recomputing both
+    specs recomputes it once, and each spec still gets its rows."""
+    calls = []
+    monkeypatch.setattr(studies, "run_experiment", lambda spec, recompute: calls.append(recompute) or
+                        pd.DataFrame({"quantizer": [spec.quantizer]}))
+    specs = [RunSpec(preset="smoke", task="sst2", method="fp-lora", quantizer=q) for q in ("nf", "int")]
+    assert specs[0].key() == specs[1].key()
+    rows = studies.collect(specs, recompute=True)
+    assert calls == [True, False] and list(rows["quantizer"]) == ["nf", "int"]
+    calls.clear()
+    studies.collect(specs)
+    assert calls == [False, False]

@@ -53,6 +53,11 @@ EVAL_BUDGETS = {"nf": (2.5, 3.0, 3.5, 4.0), "int": (3.0, 4.0, 5.0, 6.0)}
 POOL_RANGE = (2.25, 7.25)  # the initial CoA-LoRA training set spans this (docs/method.md#training)
 SEARCH_COLUMNS = ["epoch", "mode", "role", "configuration_id", "avg_bits", "loss"]
 STEP_COLUMNS = ["adapter", "epoch", "step", "configuration_id", "loss"]  # every forward of training
+# One scored configuration of a run (rows.csv, seen.csv, unseen.csv, theta_off.csv); named here so that a
+# run scored on no configuration still writes a file that reads back with its columns.
+SCORE_COLUMNS = ["method", "backbone", "backbone_label", "task", "task_source", "stand_in", "preset", "quantizer",
+                 "configuration_id", "configuration_set", "budget", "avg_bits", "seen", "seed", "metric", "value",
+                 "loss", "chance", "train_seconds", "eval_seconds"]
 N_UNSEEN_BUDGETS = 5  # ILP configurations half-way between CoA-LoRA's initial pool budgets
 # What cannot change the numbers of a method that quantizes nothing, or of one that trains nothing: the
 # canonical spec sets these to RunSpec's defaults, so equal computations share one cached run.
@@ -340,7 +345,7 @@ def _execute(spec: RunSpec):
     trained = train(spec.method, model, training_configurations(spec), train_batches, spec.hp, spec.seed, search,
                     checkpoint=checkpoint_path(spec))
     rows, predictions = _score(spec, task, trained, evaluation_configurations(spec), dev_batches, chance)
-    return (pd.DataFrame(rows), predictions, trained.states, trained.history, trained.steps,
+    return (pd.DataFrame(rows, columns=SCORE_COLUMNS), predictions, trained.states, trained.history, trained.steps,
             [] if search is None else search.to_rows())
 
 
@@ -386,7 +391,7 @@ def _cached_rows(spec: RunSpec, name: str, recompute: bool, compute, predictions
                     with open(tmp, "wb") as f:
                         np.savez_compressed(f, **found)
             with atomic_path(folder / name) as tmp:
-                pd.DataFrame(rows).to_csv(tmp, index=False)
+                pd.DataFrame(rows, columns=SCORE_COLUMNS).to_csv(tmp, index=False)
         state.wait_for_everyone()
     return _read_rows(folder, spec, name)
 

@@ -1,6 +1,7 @@
 """Experiment runs on the real MiniLM-L6 and RT sentences, shrunk to seconds: tidy rows, the
 content-hash cache (hit, miss, recompute) and interrupted-run cleanliness."""
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -368,6 +369,13 @@ def test_unseen_rows_score_what_no_step_drew_from_the_reloaded_adapter(runs_in_t
     pd.testing.assert_frame_equal(experiments.unseen_rows(run), unseen)  # cached
     with pytest.raises(ValueError, match="no one adapter for every configuration.*coalora"):
         experiments.unseen_rows(spec("qlora"))
+
+
+def test_a_run_with_nothing_unseen_caches_rows_that_read_back(runs_in_tmp):
+    run = spec("coalora", unseen_budgets=(), size=dataclasses.replace(TINY, n_random_unseen=0))
+    for unseen in (experiments.unseen_rows(run), experiments.unseen_rows(run)):  # computed, then read from the cache
+        assert unseen.empty and list(unseen.columns) == COLUMNS
+    assert experiments.unseen_predictions(run) == {}
 
 
 @pytest.mark.parametrize("method, moot, value", [("fp-lora", "quantizer", "int"), ("no-adapter", "seed", 1)])

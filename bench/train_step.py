@@ -9,8 +9,13 @@ kept), and dropout draws its masks as training does (`--mask-draw torch`: PyTorc
 Last, bf16 steps alternately with and without PEFT's input casts in one process, so that the machine's
 drift falls on both alike. The floor of a step is its FLOPs (counted by `torch.utils.flop_counter` over
 forward and backward) divided by the measured throughput of a large matmul in the same precision; the ratio
-says how far the step is from what the arithmetic alone would take. One profiled step then splits the
-time by kind of op (`KINDS`): the matmuls against the same floor, and what the FLOP count does not see.
+says how far the step is from what the arithmetic alone would take. Each timed step is followed by its own
+throughput measurement and the ratio is the median of those pairs, so that a machine whose speed drifts
+during the benchmark moves step and floor alike. `--compile` runs the model's forward through
+`torch.compile` (inductor, which fuses the elementwise ops the FLOP count does not see); its first steps
+compile and are not timed, and the casts' comparison is left out (each setting would compile anew). One
+profiled step then splits the time by kind of op (`KINDS`): the matmuls against the same floor, and what
+the FLOP count does not see.
 Results: docs/measurements.md#training-step.
 
 Run: `.venv/bin/python bench/train_step.py` on an otherwise idle machine (part of `make bench`);
@@ -71,11 +76,14 @@ def main() -> None:
                         help="keep the frozen base weights in fp32 under bf16 autocast (cast at every forward)")
     parser.add_argument("--mask-draw", default=HyperParams().mask_draw, choices=MASK_DRAWS,
                         help="how dropout draws its masks (default: training's)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the forward through torch.compile (compiling takes a minute or more a precision)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     steps, size, repeats = (1, 512, 2) if args.quick else (8, 2048, 10)
-    print(f"torch threads {torch.get_num_threads()}, dropout masks {args.mask_draw}")
+    print(f"torch threads {torch.get_num_threads()}, dropout masks {args.mask_draw}"
+          + (", forward compiled" if args.compile else ""))
     throughput = {name: matmul_gflops(dtype or torch.float32, size, repeats) for name, dtype in PRECISIONS.items()}
     print("matmul throughput: " + ", ".join(f"{name} {g:.0f} GFLOPS" for name, g in throughput.items()))
 
@@ -92,14 +100,15 @@ def main() -> None:
         params = trainable_parameters(model)
         optimizer = torch.optim.AdamW(params, lr=1e-3)
         model.train()
+        forward = torch.compile(model) if args.compile else model
 
-        def step(dtype):
+        def step(dtype, run=forward):
             optimizer.zero_grad(set_to_none=True)
             for configuration in configurations[:k]:
                 set_configuration(model, configuration)
                 autocast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
                 with autocast:
-                    loss = model(**batch).loss
+                    loss = run(**batch).loss
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -110,23 +119,27 @@ def main() -> None:
 
         for name, dtype in PRECISIONS.items():
             with held(name):
-                step(dtype)  # warm-up: quantized weights cached, kernels chosen
-                with FlopCounterMode(display=False) as counter:
+                for _ in range(3 if args.compile else 1):  # warm-up: weights cached, kernels chosen (compiled)
                     step(dtype)
-                seconds = []
+                with FlopCounterMode(display=False) as counter:
+                    step(dtype, run=model)  # the FLOPs of the arithmetic, compiled or not
+                flops = counter.get_total_flops()
+                seconds, floors = [], []
                 for _ in range(steps):
                     start = time.perf_counter()
                     step(dtype)
                     seconds.append(time.perf_counter() - start)
+                    floors.append(flops / (matmul_gflops(dtype or torch.float32, size, 2) * 1e9))
                 kinds = time_by_kind(lambda: step(dtype))
-            median = statistics.median(seconds)
-            floor = counter.get_total_flops() / (throughput[name] * 1e9)
-            print(f"{method:8s} (K={k}) {name}: {median:.3f} s/step, {counter.get_total_flops() / 1e9:.1f} GFLOP, "
-                  f"floor {floor:.3f} s, {median / floor:.1f} x the floor "
-                  f"(batch {tuple(batch['input_ids'].shape)})")
+            median, floor = statistics.median(seconds), statistics.median(floors)
+            ratios = [s / f for s, f in zip(seconds, floors)]
+            print(f"{method:8s} (K={k}) {name}: {median:.3f} s/step, {flops / 1e9:.1f} GFLOP, floor {floor:.3f} s, "
+                  f"{statistics.median(ratios):.1f} x the floor (median of {steps} steps, each over the floor "
+                  f"measured after it: {min(ratios):.1f}-{max(ratios):.1f} x; batch {tuple(batch['input_ids'].shape)})")
             print(f"{'':14s}profiled step: " + ", ".join(f"{kind} {s:.3f} s" for kind, s in kinds.items())
                   + f"; matmul alone {kinds['matmul'] / floor:.1f} x the floor")
-        cast_ab(model, lambda: step(torch.bfloat16), method, k, steps)
+        if not args.compile:
+            cast_ab(model, lambda: step(torch.bfloat16), method, k, steps)
 
 
 def cast_ab(model, step, method: str, k: int, steps: int) -> None:

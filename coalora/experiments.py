@@ -20,6 +20,7 @@ import json
 import logging
 import multiprocessing
 import os
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -375,10 +376,11 @@ def trained_model(spec: RunSpec) -> lora.CoALoRAModel:
     return trained.model
 
 
-def _cached_rows(spec: RunSpec, name: str, recompute: bool, compute, predictions: bool = False) -> pd.DataFrame:
+def _cached_rows(spec: RunSpec, name: str, recompute: bool, compute, predictions: bool = False,
+                 columns: Sequence[str] = SCORE_COLUMNS) -> pd.DataFrame:
     """Rows cached as `name` in the run's folder, computed by `compute()` if absent: a list of row
-    dicts, or with `predictions` a pair (rows, per-example results by configuration id) whose results
-    are cached beside as <stem>.npz, written first so that the rows mark a whole result."""
+    dicts with keys `columns`, or with `predictions` a pair (rows, per-example results by configuration
+    id) whose results are cached beside as <stem>.npz, written first so that the rows mark a whole result."""
     folder = run_dir(spec)
     state = processes()
     if from_main(not (folder / name).exists() or recompute):
@@ -391,7 +393,7 @@ def _cached_rows(spec: RunSpec, name: str, recompute: bool, compute, predictions
                     with open(tmp, "wb") as f:
                         np.savez_compressed(f, **found)
             with atomic_path(folder / name) as tmp:
-                pd.DataFrame(rows, columns=SCORE_COLUMNS).to_csv(tmp, index=False)
+                pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False)
         state.wait_for_everyone()
     return _read_rows(folder, spec, name)
 

@@ -268,7 +268,8 @@ def head_features(specs: Sequence[RunSpec], recompute: bool = False) -> pd.DataF
                 found.append({"configuration_id": cid, "cosine": mean_cosine(features)})
             return found
 
-        cosines = experiments._cached_rows(spec, "head_features.csv", recompute, compute)
+        cosines = experiments._cached_rows(spec, "head_features.csv", recompute, compute,
+                                            columns=["configuration_id", "cosine"])
         merged = targets.merge(cosines[["configuration_id", "cosine"]], on="configuration_id", validate="one_to_one")
         if len(merged) != len(targets):
             raise ValueError(f"{run_dir(spec) / 'head_features.csv'} lacks target configurations of the run; "
